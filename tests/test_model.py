@@ -1,0 +1,99 @@
+"""VNet shapes, parameter count, options and the bfloat16 path; full size only via eval_shape."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vnet_jax.model import VNet
+
+
+def _conv(cin, cout, k):
+  return k ** 3 * cin * cout + cout
+
+
+def _block(cin, cout, k=3, bn=True):
+  n = _conv(cin, cout, k) + _conv(cout, cout, k) + (2 * 4 * cout if bn else 0)  # 2 BNs: scale, bias, mean, var
+  return n + (_conv(cin, cout, 1) if cin != cout else 0)
+
+
+def expected_params(in_ch, num_classes, filters, downsample="conv", k=3, bn=True):
+  n = _block(in_ch, filters[0], k, bn)
+  for prev, f in zip(filters[:-1], filters[1:]):
+    if downsample == "conv":
+      n += _conv(prev, f, 2) + _block(f, f, k, bn)
+    else:
+      n += _block(prev, f, k, bn)
+  up_in = filters[-1]
+  for f in reversed(filters[:-1]):
+    n += _conv(up_in, f, 2) + _block(2 * f, f, k, bn)
+    up_in = f
+  return n + _conv(filters[0], num_classes, 1)
+
+
+def _count(tree):
+  return sum(x.size for x in jax.tree_util.tree_leaves(tree))
+
+
+def test_default_full_size_shapes_and_parameter_count():
+  model = VNet(num_classes=4)
+  x = jax.ShapeDtypeStruct((2, 128, 128, 128, 1), jnp.float32)
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(x.shape), train=False))
+  out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(x.shape), train=False), variables)
+  assert out.shape == (2, 128, 128, 128, 4) and out.dtype == jnp.float32
+  # BatchNorm scale+bias are params; mean+var are batch_stats (both counted in _block).
+  total = _count(variables["params"]) + _count(variables["batch_stats"])
+  assert total == expected_params(1, 4, (16, 32, 64, 128, 128))
+
+
+def test_anisotropic_sizes_divisible_by_16():
+  model = VNet(num_classes=14, in_channels=2)
+  x = jnp.zeros((1, 32, 80, 48, 2))
+  out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x)[0])
+  assert out.shape == (1, 32, 80, 48, 14)
+
+
+def test_rejects_bad_input():
+  model = VNet(num_classes=2, filters=(2, 2, 2, 2, 2))
+  with pytest.raises(ValueError, match="divisible by 16"):
+    model.init(jax.random.key(0), jnp.zeros((1, 24, 16, 16, 1)))
+  with pytest.raises(ValueError, match="input"):
+    model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 16, 3)))
+
+
+@pytest.mark.parametrize("downsample,bn,k", [("conv", True, 3), ("maxpool", False, 3), ("conv", False, 5)])
+def test_tiny_model_runs_with_options(downsample, bn, k):
+  filters = (2, 4, 4, 8, 8)
+  model = VNet(num_classes=3, filters=filters, downsample=downsample, batch_norm=bn, kernel_size=k)
+  x = jax.random.normal(jax.random.key(1), (1, 16, 16, 16, 1))
+  variables = model.init(jax.random.key(0), x)
+  assert _count(variables) == expected_params(1, 3, filters, downsample, k, bn)
+  out, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)},
+                             mutable=["batch_stats"] if bn else [])
+  assert out.shape == (1, 16, 16, 16, 3) and np.all(np.isfinite(out))
+  if bn:  # running statistics move during training
+    old, new = variables["batch_stats"], updates["batch_stats"]
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree_util.tree_leaves(old), jax.tree_util.tree_leaves(new)))
+
+
+def test_dropout_only_in_training():
+  model = VNet(num_classes=2, filters=(2, 2, 2, 2, 2), dropout_rate=0.5, batch_norm=False)
+  x = jax.random.normal(jax.random.key(1), (1, 16, 16, 16, 1))
+  v = model.init(jax.random.key(0), x)
+  eval1, eval2 = model.apply(v, x), model.apply(v, x)
+  np.testing.assert_array_equal(eval1, eval2)
+  t1 = model.apply(v, x, train=True, rngs={"dropout": jax.random.key(1)})
+  t2 = model.apply(v, x, train=True, rngs={"dropout": jax.random.key(2)})
+  assert not np.allclose(t1, t2)
+
+
+def test_bfloat16_compute_close_to_float32():
+  filters = (4, 4, 8, 8, 8)
+  x = jax.random.normal(jax.random.key(1), (1, 16, 16, 16, 1))
+  f32 = VNet(num_classes=3, filters=filters)
+  bf16 = VNet(num_classes=3, filters=filters, dtype=jnp.bfloat16)
+  v = f32.init(jax.random.key(0), x)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree_util.tree_leaves(bf16.init(jax.random.key(0), x)))
+  a, b = f32.apply(v, x), bf16.apply(v, x)
+  assert b.dtype == jnp.float32 and np.all(np.isfinite(b))
+  np.testing.assert_allclose(b, a, atol=0.1 * float(jnp.abs(a).max()) + 1e-3)

@@ -1,0 +1,36 @@
+"""The seed's losses (segmentation_models 3D definitions), channels-last, probabilities in.
+
+All reductions run in float32 whatever the model's compute dtype, so bfloat16 training keeps
+loss precision. Definitions: ../shared/reference/FACTS.md section 2.
+"""
+
+import jax.numpy as jnp
+
+_SPATIAL_AND_BATCH = (0, 1, 2, 3)  # (N, D, H, W); classes stay separate
+
+
+def dice_loss(probs, onehot, class_weights=None, smooth: float = 1e-5):
+  """1 - mean_c(w_c * (2 tp_c + s) / (2 tp_c + fp_c + fn_c + s)), sums over batch and space."""
+  probs = probs.astype(jnp.float32)
+  onehot = onehot.astype(jnp.float32)
+  tp = jnp.sum(onehot * probs, axis=_SPATIAL_AND_BATCH)
+  fp = jnp.sum(probs, axis=_SPATIAL_AND_BATCH) - tp
+  fn = jnp.sum(onehot, axis=_SPATIAL_AND_BATCH) - tp
+  score = (2.0 * tp + smooth) / (2.0 * tp + fn + fp + smooth)
+  if class_weights is not None:
+    score = score * jnp.asarray(class_weights, jnp.float32)
+  return 1.0 - jnp.mean(score)
+
+
+def focal_loss(probs, onehot, alpha: float = 0.25, gamma: float = 2.0):
+  """Mean over every element (N, D, H, W, C) of -g * alpha * (1 - p)^gamma * log(p), p clipped."""
+  p = jnp.clip(probs.astype(jnp.float32), 1e-7, 1.0 - 1e-7)
+  g = onehot.astype(jnp.float32)
+  return jnp.mean(-g * alpha * (1.0 - p) ** gamma * jnp.log(p))
+
+
+def total_loss(probs, onehot, class_weights=None, focal_weight: float = 1.0, smooth: float = 1e-5,
+               alpha: float = 0.25, gamma: float = 2.0):
+  """Dice + focal_weight * focal, the seed's total loss."""
+  return (dice_loss(probs, onehot, class_weights, smooth)
+          + focal_weight * focal_loss(probs, onehot, alpha, gamma))
