@@ -106,3 +106,32 @@ def test_gradients_match_finite_differences():
     step[idx] = eps
     numeric = (ref_total(logits + step) - ref_total(logits - step)) / (2 * eps)
     np.testing.assert_allclose(grad[idx], numeric, rtol=1e-3, atol=1e-6)
+
+
+_TWO_DEVICE_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from vnet_jax import losses
+assert jax.local_device_count() == 2
+rng = np.random.default_rng(0)
+z = jnp.asarray(rng.normal(size=(4, 4, 4, 4, 3)), jnp.float32)
+g = jax.nn.one_hot(rng.integers(0, 3, (4, 4, 4, 4)), 3)
+w = jnp.asarray(rng.normal(size=(3,)), jnp.float32)
+loss = lambda w, z, g, axis=None: losses.total_loss(jax.nn.softmax(z * w), g, [1., 2., 3.], axis_name=axis)
+def step(w, z, g):
+  value, grad = jax.value_and_grad(lambda w: loss(w, z, g, "d"))(w)
+  return jax.lax.pmean(value, "d"), jax.lax.pmean(grad, "d")
+value, grad = jax.pmap(step, axis_name="d", in_axes=(None, 0, 0))(w, z.reshape(2, 2, 4, 4, 4, 3), g.reshape(2, 2, 4, 4, 4, 3))
+np.testing.assert_allclose(value, loss(w, z, g), rtol=1e-5)
+np.testing.assert_allclose(grad[0], jax.grad(loss)(w, z, g), rtol=1e-4, atol=1e-7)
+print("OK")
+"""
+
+
+def test_dice_over_devices_equals_dice_of_the_global_batch():
+  import os
+  import subprocess
+  import sys
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  out = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]

@@ -5,17 +5,26 @@ loss precision. Definitions: ../shared/reference/FACTS.md section 2.
 """
 
 import jax.numpy as jnp
+from jax import lax
 
 _SPATIAL_AND_BATCH = (0, 1, 2, 3)  # (N, D, H, W); classes stay separate
 
 
-def dice_loss(probs, onehot, class_weights=None, smooth: float = 1e-5):
-  """1 - mean_c(w_c * (2 tp_c + s) / (2 tp_c + fp_c + fn_c + s)), sums over batch and space."""
+def dice_loss(probs, onehot, class_weights=None, smooth: float = 1e-5, axis_name: str | None = None):
+  """1 - mean_c(w_c * (2 tp_c + s) / (2 tp_c + fp_c + fn_c + s)), sums over batch and space.
+
+  Under pmap, `axis_name` sums tp/fp/fn over every device's share of the batch, so the loss
+  (and its gradient) is that of the whole global batch, as on one device.
+  """
   probs = probs.astype(jnp.float32)
   onehot = onehot.astype(jnp.float32)
-  tp = jnp.sum(onehot * probs, axis=_SPATIAL_AND_BATCH)
-  fp = jnp.sum(probs, axis=_SPATIAL_AND_BATCH) - tp
-  fn = jnp.sum(onehot, axis=_SPATIAL_AND_BATCH) - tp
+  sums = (jnp.sum(onehot * probs, axis=_SPATIAL_AND_BATCH), jnp.sum(probs, axis=_SPATIAL_AND_BATCH),
+          jnp.sum(onehot, axis=_SPATIAL_AND_BATCH))
+  if axis_name is not None:
+    sums = lax.psum(sums, axis_name)
+  tp, sum_p, sum_g = sums
+  fp = sum_p - tp
+  fn = sum_g - tp
   score = (2.0 * tp + smooth) / (2.0 * tp + fn + fp + smooth)
   if class_weights is not None:
     score = score * jnp.asarray(class_weights, jnp.float32)
@@ -30,7 +39,7 @@ def focal_loss(probs, onehot, alpha: float = 0.25, gamma: float = 2.0):
 
 
 def total_loss(probs, onehot, class_weights=None, focal_weight: float = 1.0, smooth: float = 1e-5,
-               alpha: float = 0.25, gamma: float = 2.0):
+               alpha: float = 0.25, gamma: float = 2.0, axis_name: str | None = None):
   """Dice + focal_weight * focal, the seed's total loss."""
-  return (dice_loss(probs, onehot, class_weights, smooth)
+  return (dice_loss(probs, onehot, class_weights, smooth, axis_name)
           + focal_weight * focal_loss(probs, onehot, alpha, gamma))
