@@ -97,3 +97,55 @@ def test_bfloat16_compute_close_to_float32():
   a, b = f32.apply(v, x), bf16.apply(v, x)
   assert b.dtype == jnp.float32 and np.all(np.isfinite(b))
   np.testing.assert_allclose(b, a, atol=0.1 * float(jnp.abs(a).max()) + 1e-3)
+
+
+def _f64(x):
+  return np.asarray(x, np.float64)
+
+
+@pytest.mark.parametrize("k,cin,cout", [(3, 1, 4), (3, 5, 3), (5, 2, 2)])
+def test_depth_split_conv_equals_lax_conv(k, cin, cout):
+  from jax import lax
+  from vnet_jax.model import depth_split_conv
+  rng = np.random.default_rng(k * cin)
+  x = rng.normal(size=(2, 6, 7, 5, cin)).astype(np.float32)
+  w = rng.normal(size=(k, k, k, cin, cout)).astype(np.float32)
+  ref = lax.conv_general_dilated(_f64(x), _f64(w), (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) \
+      if jax.config.jax_enable_x64 else None
+  native = lax.conv_general_dilated(x, w, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+  # float64 NumPy reference: explicit sum over kernel offsets of shifted, zero-padded inputs.
+  p = k // 2
+  xp = np.pad(_f64(x), ((0, 0), (p, p), (p, p), (p, p), (0, 0)))
+  expected = sum(np.einsum("ndhwc,co->ndhwo", xp[:, a:a + 6, b:b + 7, c:c + 5], _f64(w)[a, b, c])
+                 for a in range(k) for b in range(k) for c in range(k))
+  assert ref is None or np.allclose(ref, expected)
+  np.testing.assert_allclose(depth_split_conv(jnp.asarray(x), jnp.asarray(w)), expected, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(native, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_down2_and_up2_equal_lax_strided_and_transposed_convs():
+  from jax import lax
+  from vnet_jax.model import Down2, Up2
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 4, 6, 8, 3)), jnp.float32)
+  down = Down2(5)
+  v = down.init(jax.random.key(0), x)
+  ref = lax.conv_general_dilated(x, v["params"]["kernel"], (2, 2, 2), "VALID",
+                                 dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) + v["params"]["bias"]
+  np.testing.assert_allclose(down.apply(v, x), ref, rtol=1e-5, atol=1e-5)
+  up = Up2(4)
+  v = up.init(jax.random.key(1), x)
+  v = jax.tree_util.tree_map(lambda a: a + 0.1, v)  # non-zero bias too
+  ref = lax.conv_transpose(x, v["params"]["kernel"], (2, 2, 2), "VALID",
+                           dimension_numbers=("NDHWC", "DHWIO", "NDHWC")) + v["params"]["bias"]
+  np.testing.assert_allclose(up.apply(v, x), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_impls_give_the_same_network_output():
+  x = jax.random.normal(jax.random.key(1), (1, 16, 16, 16, 1))
+  native = VNet(num_classes=3, filters=(2, 4, 4, 8, 8), conv_impl="native")
+  split = VNet(num_classes=3, filters=(2, 4, 4, 8, 8), conv_impl="depth_split")
+  v = native.init(jax.random.key(0), x)
+  np.testing.assert_allclose(split.apply(v, x), native.apply(v, x), rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="conv_impl"):
+    VNet(num_classes=3, conv_impl="fft").init(jax.random.key(0), x)

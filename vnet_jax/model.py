@@ -3,9 +3,96 @@
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 Dtype = Any
+
+
+def depth_split_conv(x, kernel):
+  """'SAME' 3D convolution as a sum over kernel depth of 2D convolutions, depth folded into batch.
+
+  Same numbers as lax.conv_general_dilated; XLA's CPU backend runs 2D convolutions several times
+  faster than 3D ones (docs/performance.md), so this is the CPU formulation.
+  """
+  k = kernel.shape[0]
+  n, d, h, w, c = x.shape
+  padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (0, 0), (0, 0), (0, 0)))
+  out = None
+  for i in range(k):
+    y = lax.conv_general_dilated(padded[:, i:i + d].reshape(n * d, h, w, c), kernel[i], (1, 1), "SAME",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    out = y if out is None else out + y
+  return out.reshape(n, d, h, w, -1)
+
+
+def resolve_conv_impl(impl: str) -> str:
+  """'auto' picks the depth-split formulation on CPU and the native 3D convolution elsewhere."""
+  if impl == "auto":
+    return "depth_split" if jax.default_backend() == "cpu" else "native"
+  if impl not in ("native", "depth_split"):
+    raise ValueError(f"conv_impl must be 'auto', 'native' or 'depth_split', got {impl!r}")
+  return impl
+
+
+class Down2(nn.Module):
+  """2x2x2 stride-2 convolution, written as space-to-depth and one matrix product (no overlap)."""
+
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n, d, h, w, c = x.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, 2, c, self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    blocks = x.astype(self.dtype).reshape(n, d // 2, 2, h // 2, 2, w // 2, 2, c)
+    y = jnp.einsum("nxaybzcf,abcfo->nxyzo", blocks, kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
+
+
+class Up2(nn.Module):
+  """2x2x2 stride-2 transposed convolution, written as one matrix product and depth-to-space."""
+
+  features: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    n, d, h, w, _ = x.shape
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, 2, x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    # lax.conv_transpose's convention: output offset a within each 2-block uses kernel[1 - a].
+    y = jnp.einsum("nxyzf,abcfo->nxaybzco", x.astype(self.dtype), kernel[::-1, ::-1, ::-1].astype(self.dtype))
+    return y.reshape(n, 2 * d, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
+
+
+class Conv3D(nn.Module):
+  """Stride-1 'SAME' k^3 convolution with nn.Conv's parameters (kernel DHWIO, bias)."""
+
+  features: int
+  kernel_size: int = 3
+  impl: str = "native"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    k = self.kernel_size
+    if k % 2 == 0:
+      raise ValueError(f"kernel_size must be odd for 'SAME' padding, got {k}")
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    if k == 1:
+      y = jnp.einsum("ndhwc,co->ndhwo", x, kernel[0, 0, 0])
+    elif self.impl == "depth_split":
+      y = depth_split_conv(x, kernel)
+    else:
+      y = lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+    return y + bias.astype(self.dtype)
 
 
 class ResidualBlock(nn.Module):
@@ -15,11 +102,12 @@ class ResidualBlock(nn.Module):
   kernel_size: int = 3
   batch_norm: bool = True
   bn_axis_name: str | None = None
+  conv_impl: str = "native"
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = lambda f, k: nn.Conv(f, (k,) * 3, padding="SAME", dtype=self.dtype, param_dtype=jnp.float32)
+    conv = lambda f, k: Conv3D(f, k, self.conv_impl, self.dtype)
     shortcut = x
     if x.shape[-1] != self.features:
       shortcut = conv(self.features, 1)(x)
@@ -50,6 +138,7 @@ class VNet(nn.Module):
   dropout_rate: float = 0.1
   downsample: str = "conv"  # "conv" (2x2x2 stride-2 conv) or "maxpool"
   bn_axis_name: str | None = None  # pmap axis name: synchronises BatchNorm statistics across devices
+  conv_impl: str = "auto"  # "native", "depth_split" (fast on CPU) or "auto"; same parameters and numbers
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -61,7 +150,8 @@ class VNet(nn.Module):
       raise ValueError(f"VNet spatial sizes must be divisible by {factor}, got {x.shape[1:4]}")
     if self.downsample not in ("conv", "maxpool"):
       raise ValueError(f"downsample must be 'conv' or 'maxpool', got {self.downsample!r}")
-    block = lambda f: ResidualBlock(f, self.kernel_size, self.batch_norm, self.bn_axis_name, self.dtype)
+    impl = resolve_conv_impl(self.conv_impl)
+    block = lambda f: ResidualBlock(f, self.kernel_size, self.batch_norm, self.bn_axis_name, impl, self.dtype)
     dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
 
     x = x.astype(self.dtype)
@@ -70,16 +160,16 @@ class VNet(nn.Module):
     for features in self.filters[1:]:
       skips.append(x)
       if self.downsample == "conv":
-        x = nn.Conv(features, (2, 2, 2), strides=(2, 2, 2), dtype=self.dtype, param_dtype=jnp.float32)(x)
+        x = Down2(features, self.dtype)(x)
       else:
         x = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))
       x = dropout(x)
       x = block(features)(x, train)
 
     for features, skip in zip(reversed(self.filters[:-1]), reversed(skips)):
-      x = nn.ConvTranspose(features, (2, 2, 2), strides=(2, 2, 2), dtype=self.dtype, param_dtype=jnp.float32)(x)
+      x = Up2(features, self.dtype)(x)
       x = jnp.concatenate([x, skip], axis=-1)
       x = block(features)(x, train)
     x = dropout(x)
-    logits = nn.Conv(self.num_classes, (1, 1, 1), dtype=self.dtype, param_dtype=jnp.float32)(x)
+    logits = Conv3D(self.num_classes, 1, impl, self.dtype)(x)
     return logits.astype(jnp.float32)

@@ -1,0 +1,35 @@
+r"""Demo: a small VNet on synthetic FLARE22-like CT, sized for a 2-core CPU (under 10 minutes).
+
+  ./run.sh                        # same as: python -m vnet_jax.main --experiment=demo
+  python -m vnet_jax.main --experiment=demo --fold=0 --workdir=runs/demo/fold0
+
+On first use it writes a synthetic FLARE22-layout dataset to WORKDIR/synthetic_data, then
+preprocesses it, trains on folds 1-4, validates fold 0 with sliding-window inference and prints a
+per-organ Dice table. Expect a mean organ Dice of about 0.75 or more on the validation fold.
+For a smoke test: --config.num_steps=20.
+"""
+
+from experiments import base
+
+
+def get_config():
+  c = base.get_config()
+  c.data.data_dir = None
+  c.data.synthetic_cases = 20
+  c.data.target_spacing = (4.0, 1.6, 1.6)
+  c.data.preprocess_workers = 2
+  c.num_steps = 500
+  c.per_device_batch_size = 2
+  c.patch_size = (32, 64, 64)
+  c.learning_rate = 2e-3
+  c.lr_schedule = "cosine"
+  c.warmup_steps = 50
+  c.log_every = 50
+  c.eval_every = 250
+  c.checkpoint_every = 100
+  c.model.filters = (8, 16, 32, 32, 32)
+  c.model.dropout_rate = 0.0
+  c.augment.scale_prob = 0.0
+  c.augment.noise_prob = 0.0
+  c.augment.gamma_prob = 0.0
+  return c

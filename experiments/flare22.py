@@ -1,0 +1,18 @@
+r"""FLARE22: 50 abdominal CTs, background + 13 organs, 5-fold cross-validation.
+
+Get FLARE22Train.zip from Zenodo record 7860267 and unzip it to data/FLARE22Train, then:
+
+  python -m vnet_jax.main --experiment=flare22 --fold=0 --data_dir=data/FLARE22Train
+
+Any nnU-Net v2 dataset (dataset.json + imagesTr/ + labelsTr/) works with the same command:
+channels, classes and normalisation come from its dataset.json. Expect roughly nnU-Net-level
+organ Dice (~0.85 mean) only after long training (250k steps on a GPU); see docs/performance.md.
+"""
+
+from experiments import base
+
+
+def get_config():
+  c = base.get_config()
+  c.data.data_dir = "data/FLARE22Train"
+  return c

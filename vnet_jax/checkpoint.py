@@ -1,0 +1,79 @@
+"""Orbax checkpoints of the training state and the Grain iterator, for exact resume.
+
+Layout: WORKDIR/checkpoints/<step>/{state, data_iter}. Saves are atomic (Orbax writes a
+temporary directory and renames it), so a run killed mid-save resumes from the previous step.
+The latest `keep` checkpoints are kept, plus the best by validation mean Dice.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+METRIC = "mean_dice"
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be restored, reported as one line."""
+
+
+def make_manager(workdir: str | Path, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
+  policy = policies.AnyPreservationPolicy([
+      policies.LatestN(n=keep),
+      policies.BestN(get_metric_fn=lambda m: m[METRIC], n=1, keep_checkpoints_without_metrics=False),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, cleanup_tmp_directories=not read_only, read_only=read_only,
+      create=not read_only)
+  return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options,
+                               item_names=("state", "data_iter"))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter=None,
+         mean_dice: float | None = None) -> None:
+  """Saves an unreplicated state (host arrays) and, when given, the Grain iterator position."""
+  items = {"state": ocp.args.StandardSave(jax.device_get(state))}
+  if data_iter is not None:
+    items["data_iter"] = grain.checkpoint.CheckpointSave(data_iter)
+  metrics = None if mean_dice is None else {METRIC: float(mean_dice)}
+  manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+
+def best_step(manager: ocp.CheckpointManager) -> int | None:
+  """Step with the highest validation mean Dice; None when no checkpoint has metrics."""
+  scored = [(manager.metrics(s) or {}).get(METRIC) for s in manager.all_steps()]
+  candidates = [(d, s) for d, s in zip(scored, manager.all_steps()) if d is not None]
+  return max(candidates)[1] if candidates else None
+
+
+def resolve_step(manager: ocp.CheckpointManager, which: str | int) -> int:
+  """'latest', 'best' (falls back to latest when nothing was evaluated) or a step number."""
+  steps = manager.all_steps()
+  if not steps:
+    raise CheckpointError(f"{manager.directory}: no checkpoint found")
+  if which == "latest":
+    return manager.latest_step()
+  if which == "best":
+    best = best_step(manager)
+    return manager.latest_step() if best is None else best
+  step = int(which)
+  if step not in steps:
+    raise CheckpointError(f"{manager.directory}: no checkpoint at step {step} (have {sorted(steps)})")
+  return step
+
+
+def restore(manager: ocp.CheckpointManager, step: int, template: Any, data_iter=None) -> Any:
+  """Restores into an unreplicated template (replicate afterwards); moves data_iter in place."""
+  items = {"state": ocp.args.StandardRestore(jax.device_get(template))}
+  if data_iter is not None:
+    items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise CheckpointError(f"{manager.directory / str(step)}: cannot restore ({first_line})") from e
+  return jax.tree_util.tree_map(np.asarray, restored["state"])

@@ -1,0 +1,384 @@
+"""Training: state, the pmap'd train step, validation and the loop with exact resume."""
+
+import functools
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import jax_utils
+from flax.training import train_state
+
+from vnet_jax import checkpoint, evaluate as scoring, inference, losses, metrics
+from vnet_jax.data import DataError
+from vnet_jax.data import augment, folds, layouts, pipeline, preprocess, validation
+from vnet_jax.model import VNet
+
+AXIS = "batch"  # pmap axis: gradients, BatchNorm statistics and metrics are averaged over it
+
+
+class TrainingError(RuntimeError):
+  """Training cannot go on (e.g. a non-finite loss); reported as one line."""
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+  rng: jax.Array  # raw uint32 key: dropout keys are folded from it with the step and device
+
+
+# ---------------------------------------------------------------------------- model and optimizer
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int, in_channels: int,
+                bn_axis_name: str | None = None) -> VNet:
+  m = config.model
+  return VNet(num_classes=num_classes, in_channels=in_channels, filters=tuple(m.filters),
+              kernel_size=m.kernel_size, batch_norm=m.batch_norm, dropout_rate=m.dropout_rate,
+              downsample=m.downsample, bn_axis_name=bn_axis_name, dtype=jnp.dtype(config.compute_dtype))
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  if config.lr_schedule == "constant":
+    main = optax.constant_schedule(config.learning_rate)
+  elif config.lr_schedule == "cosine":
+    main = optax.cosine_decay_schedule(config.learning_rate, max(config.num_steps - config.warmup_steps, 1))
+  else:
+    raise ValueError(f"config.lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
+  if config.warmup_steps <= 0:
+    return main
+  warmup = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
+  return optax.join_schedules([warmup, main], [config.warmup_steps])
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: VNet) -> TrainState:
+  """Unreplicated initial state; the same seed gives the same state on every host."""
+  init_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  x = jnp.zeros((1, *config.patch_size, model.in_channels), jnp.float32)
+  variables = jax.jit(functools.partial(model.init, train=False))(init_key, x)
+  tx = optax.adam(learning_rate_schedule(config))
+  if config.grad_clip_norm > 0:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
+                           batch_stats=variables.get("batch_stats", {}), rng=dropout_key)
+
+
+def class_weights(config: ml_collections.ConfigDict, num_classes: int) -> np.ndarray | None:
+  weights = config.loss.class_weights
+  if weights is None:
+    return None
+  weights = np.asarray(weights, np.float32)
+  if weights.shape != (num_classes,):
+    raise ValueError(f"config.loss.class_weights has {weights.size} values; the dataset has {num_classes} classes")
+  return weights / weights.mean() if config.loss.normalize_class_weights else weights
+
+
+# ---------------------------------------------------------------------------- the step
+
+def train_step(state: TrainState, batch: dict, *, num_classes: int, loss_config: ml_collections.ConfigDict,
+               weights: np.ndarray | None):
+  """One optimizer step on this device's share of the global batch (run under pmap)."""
+  device = jax.lax.axis_index(AXIS)
+  dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device)
+  onehot = jax.nn.one_hot(batch["label"], num_classes, dtype=jnp.float32)
+
+  def loss_fn(params):
+    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                                     train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+    probs = jax.nn.softmax(logits.astype(jnp.float32))
+    dice = losses.dice_loss(probs, onehot, weights, loss_config.smooth, axis_name=AXIS)
+    focal = losses.focal_loss(probs, onehot, loss_config.focal_alpha, loss_config.focal_gamma)
+    return dice + loss_config.focal_weight * focal, (updates, probs, dice, focal)
+
+  (loss, (updates, probs, dice, focal)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, AXIS)
+  state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
+  step_metrics = {"loss": loss, "dice_loss": dice, "focal_loss": focal,
+                  "accuracy": metrics.accuracy(probs, onehot), "iou": metrics.iou_score(probs, onehot)}
+  return state, jax.lax.pmean(step_metrics, AXIS)
+
+
+def make_p_train_step(config: ml_collections.ConfigDict, num_classes: int):
+  step = functools.partial(train_step, num_classes=num_classes, loss_config=config.loss,
+                           weights=class_weights(config, num_classes))
+  return jax.pmap(step, axis_name=AXIS, donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------- data
+
+def resolve_data_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
+  """The dataset directory; the demo generates a synthetic one into the workdir on first use."""
+  if config.data.data_dir is None and config.data.synthetic_cases > 0:
+    data_dir = workdir / "synthetic_data"
+  elif config.data.data_dir is None:
+    raise DataError("config.data.data_dir is not set: pass --data_dir=DIR")
+  else:
+    data_dir = Path(config.data.data_dir)
+  if not data_dir.exists() and config.data.synthetic_cases > 0:
+    from vnet_jax.data import synthetic
+    logging.info("generating %d synthetic cases in %s", config.data.synthetic_cases, data_dir)
+    synthetic.write_dataset(data_dir, config.data.synthetic_cases, seed=config.seed,
+                            shape=config.data.synthetic_size)
+  elif not data_dir.exists():
+    raise DataError(
+        f"{data_dir}: dataset not found; download FLARE22Train.zip from Zenodo record 7860267 and unzip it "
+        f"there (or pass --data_dir), or run the synthetic demo with ./run.sh")
+  return data_dir
+
+
+def preprocess_settings(config: ml_collections.ConfigDict) -> preprocess.PreprocessSettings:
+  d = config.data
+  return preprocess.PreprocessSettings(
+      target_spacing=d.target_spacing, normalization=d.normalization, ct_window=d.ct_window,
+      crop_to_nonzero=d.crop_to_nonzero, image_dtype=d.image_dtype, label_map=d.label_map)
+
+
+def cache_root(config: ml_collections.ConfigDict) -> Path:
+  if config.data.cache_dir:
+    return Path(config.data.cache_dir)
+  return Path(os.environ.get("VNET_JAX_CACHE", Path.home() / ".cache" / "vnet_jax"))
+
+
+def prepare_data(config: ml_collections.ConfigDict, workdir: Path, fold: int | str):
+  """Validates, preprocesses (cached) and splits the dataset; returns (cache, train ids, val ids)."""
+  data_dir = resolve_data_dir(config, workdir)
+  dataset = layouts.discover_dataset(data_dir)
+  validation.validate_dataset(dataset, num_folds=config.num_folds, fold=fold)
+  prepare = lambda: preprocess.prepare_dataset(dataset, preprocess_settings(config), cache_root(config),
+                                               num_workers=config.data.preprocess_workers,
+                                               progress=jax.process_index() == 0)
+  if jax.process_count() > 1:
+    # Process 0 fills a shared cache first; the others then find it complete (or, without a
+    # shared filesystem, build their own copy) instead of racing on the same files.
+    from jax.experimental import multihost_utils
+    cache = prepare() if jax.process_index() == 0 else None
+    multihost_utils.sync_global_devices("vnet_jax preprocessing")
+    cache = cache or prepare()
+  else:
+    cache = prepare()
+  user_splits = [data_dir / n for n in ("splits.json", "splits_final.json") if (data_dir / n).exists()]
+  splits_path = user_splits[0] if user_splits else cache.dir / "splits.json"
+  splits = folds.load_or_create_splits(splits_path, cache.case_ids, config.num_folds, config.split_seed)
+  folds.write_splits(workdir / "splits.json", splits)
+  train_ids, val_ids = folds.select_fold(splits, fold, cache.case_ids)
+  return cache, train_ids, val_ids
+
+
+def class_names(config: ml_collections.ConfigDict, cache) -> dict[int, str]:
+  if config.data.class_names is None:
+    return dict(cache.class_names)
+  if len(config.data.class_names) != cache.num_classes:
+    raise DataError(f"config.data.class_names has {len(config.data.class_names)} names; the preprocessed "
+                    f"labels have {cache.num_classes} classes")
+  return dict(enumerate(config.data.class_names))
+
+
+def make_train_iterator(config: ml_collections.ConfigDict, cache, train_ids):
+  aug = augment.AugmentConfig.from_dict(config.augment)
+  dataset = pipeline.make_train_dataset(
+      cache.dir, train_ids, patch_size=tuple(config.patch_size),
+      per_device_batch=config.per_device_batch_size, num_local_devices=jax.local_device_count(),
+      seed=config.seed, aug=aug, foreground_fraction=config.data.foreground_fraction,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      num_workers=config.data.loader_workers)
+  return iter(dataset)
+
+
+# ---------------------------------------------------------------------------- validation
+
+def nsd_tolerances(config: ml_collections.ConfigDict, names: dict[int, str]) -> dict[int, float]:
+  """FLARE22's per-organ tolerances when the classes are FLARE22's organs, else one value in mm."""
+  foreground = [c for c in names if c]
+  if all(layouts.FLARE22_CLASSES.get(c) == names[c] for c in foreground):
+    return {c: float(layouts.FLARE22_TOLERANCES_MM[c]) for c in foreground}
+  return {c: float(config.inference.nsd_tolerance_mm) for c in foreground}
+
+
+def validate(config: ml_collections.ConfigDict, model: VNet, variables: dict, cache, val_ids,
+             names: dict[int, str], predictions_dir: Path | None = None) -> dict:
+  """Sliding-window prediction of each validation volume, scored like FLARE22 at the working spacing.
+
+  With predictions_dir, each case's predicted labels are kept as <case>.npz (for the report).
+  """
+  apply_fn = lambda v, x: model.apply(v, x, train=False)
+  # Multi-host: each process predicts on its own devices without cross-host collectives.
+  devices = jax.local_devices() if jax.process_count() == 1 else jax.local_devices()[:1]
+  predictor = inference.SlidingWindowPredictor(
+      apply_fn, variables, window=tuple(config.patch_size), num_classes=len(names),
+      overlap=config.inference.overlap, tta=config.inference.tta,
+      windows_per_device=config.inference.windows_per_device, devices=devices)
+  tolerances = nsd_tolerances(config, names)
+  spacing = cache.plan["target_spacing"]
+  scores = {}
+  for case_id in val_ids:
+    image, label = cache.load_case(case_id)
+    pred = predictor.predict_labels(np.asarray(image, np.float32))
+    if predictions_dir is not None:
+      predictions_dir.mkdir(parents=True, exist_ok=True)
+      np.savez_compressed(predictions_dir / f"{case_id}.npz", labels=pred)
+    # Arrays are (z, y, x): the axial axis for the slice-scored vessels is axis 0.
+    by_id = scoring.evaluate_case(pred, np.asarray(label), spacing, list(tolerances), tolerances, slice_axis=0)
+    scores[case_id] = {names[c]: v for c, v in by_id.items()}
+  return scoring.summarize(scores)
+
+
+def write_json(path: Path, obj: Any) -> None:
+  """Atomic write: a reader never sees a half-written file."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2))
+  os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- the loop
+
+class MetricLog:
+  """metrics.jsonl + TensorBoard; keeps per-step device metrics unfetched until a flush."""
+
+  def __init__(self, workdir: Path, schedule, num_steps: int, start_step: int):
+    self.path = workdir / "metrics.jsonl"
+    self.schedule = schedule
+    self.num_steps = num_steps
+    self.pending: list[tuple[int, Any]] = []
+    self.last_time, self.last_step = time.time(), start_step
+    self.is_main = jax.process_index() == 0
+    if self.is_main:
+      from tensorboardX import SummaryWriter
+      self.writer = SummaryWriter(str(workdir / "tensorboard"))
+
+  def add(self, step: int, device_metrics) -> None:
+    self.pending.append((step, device_metrics))
+
+  def flush(self, log: bool) -> None:
+    """Fetches pending metrics; raises at the first non-finite loss; logs the last step if asked."""
+    if not self.pending:
+      return
+    fetched = jax.device_get([jax.tree_util.tree_map(lambda x: x[0], m) for _, m in self.pending])
+    for (step, _), values in zip(self.pending, fetched):
+      if not np.isfinite(values["loss"]):
+        raise TrainingError(f"non-finite loss ({values['loss']}) at step {step}; the run stops here and "
+                            f"the last checkpoint before it is kept")
+    step, values = self.pending[-1][0], fetched[-1]
+    self.pending = []
+    if not (log and self.is_main):
+      return
+    now = time.time()
+    steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_time, self.last_step = now, step
+    record = {"step": step, **{k: float(v) for k, v in values.items()},
+              "learning_rate": float(self.schedule(step - 1)), "steps_per_s": steps_per_s}
+    with self.path.open("a") as f:
+      f.write(json.dumps(record) + "\n")
+    for k, v in record.items():
+      if k != "step":
+        self.writer.add_scalar(f"train/{k}", v, step)
+    eta = (self.num_steps - step) / max(steps_per_s, 1e-9)
+    print(f"step {step}/{self.num_steps}  loss {record['loss']:.4f}  dice_loss {record['dice_loss']:.4f}  "
+          f"acc {record['accuracy']:.3f}  {steps_per_s:.2f} steps/s  ETA {eta / 60:.1f} min", flush=True)
+
+  def add_eval(self, step: int, summary: dict) -> None:
+    if self.is_main:
+      self.writer.add_scalar("eval/mean_dice", summary["mean_dice"], step)
+      for name, v in summary["per_class"].items():
+        self.writer.add_scalar(f"eval/dice/{name}", v["dice"], step)
+      with (self.path.parent / "eval" / "history.jsonl").open("a") as f:
+        f.write(json.dumps({"step": step, "mean_dice": summary["mean_dice"],
+                            "per_class": {k: v["dice"] for k, v in summary["per_class"].items()}}) + "\n")
+
+  def close(self) -> None:
+    if self.is_main:
+      self.writer.close()
+
+
+def _variables(p_state: TrainState) -> dict:
+  state = jax_utils.unreplicate(p_state)
+  return {"params": state.params, "batch_stats": state.batch_stats}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, fold: int | str = 0,
+                       mode: str = "train") -> dict:
+  """Trains on the other folds and validates on `fold` (or evaluates only, with mode='eval').
+
+  Re-running the same command resumes from the latest checkpoint in WORKDIR/checkpoints.
+  Returns the last validation summary.
+  """
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "eval").mkdir(exist_ok=True)
+  if jax.process_index() == 0:
+    write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+
+  cache, train_ids, val_ids = prepare_data(config, workdir, fold)
+  names = class_names(config, cache)
+  num_classes = len(names)
+  if jax.process_index() == 0:  # all that predict needs to preprocess new scans like these
+    write_json(workdir / "plan.json", {**cache.plan, "cache_dir": str(cache.dir.absolute()),
+                                          "class_names": {str(k): v for k, v in names.items()}})
+  if jax.process_index() == 0:
+    print(f"{workdir}: fold {fold}, {len(train_ids)} training and {len(val_ids)} validation cases, "
+          f"{num_classes} classes, {jax.device_count()} device(s), cache {cache.dir}", flush=True)
+  model = build_model(config, num_classes, cache.num_channels, bn_axis_name=AXIS)
+  state = create_train_state(config, model)
+  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
+
+  def run_validation(variables, step):
+    is_main = jax.process_index() == 0
+    predictions = workdir / "eval" / "predictions" if is_main else None
+    summary = {"step": step, **validate(config, model, variables, cache, val_ids, names, predictions)}
+    if is_main:
+      scoring.write_summary(summary, workdir / "eval" / "summary.json")
+    return summary
+
+  if mode == "eval":
+    step = checkpoint.resolve_step(manager, "best")
+    state = checkpoint.restore(manager, step, state)
+    summary = run_validation({"params": state.params, "batch_stats": state.batch_stats}, step)
+    print(scoring.format_table(summary))
+    return summary
+  if mode != "train":
+    raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
+
+  train_iter = make_train_iterator(config, cache, train_ids)
+  start_step = manager.latest_step() or 0
+  if start_step:
+    state = checkpoint.restore(manager, start_step, state, train_iter)
+    print(f"resumed from {manager.directory} at step {start_step}", flush=True)
+  p_state = jax_utils.replicate(state)
+  del state
+  p_train_step = make_p_train_step(config, num_classes)
+  log = MetricLog(workdir, learning_rate_schedule(config), config.num_steps, start_step)
+
+  summary = None
+  try:
+    for step in range(start_step + 1, config.num_steps + 1):
+      batch = next(train_iter)
+      p_state, step_metrics = p_train_step(p_state, batch)
+      log.add(step, step_metrics)
+      is_last = step == config.num_steps
+      do_eval = step % config.eval_every == 0 or is_last
+      do_save = step % config.checkpoint_every == 0 or is_last or do_eval
+      if step % config.log_every == 0 or do_save:
+        log.flush(log=step % config.log_every == 0 or is_last)
+      if do_eval:
+        summary = run_validation(_variables(p_state), step)
+        log.add_eval(step, summary)
+        print(f"step {step}: validation mean Dice {summary['mean_dice']:.4f}", flush=True)
+      if do_save:
+        checkpoint.save(manager, step, jax_utils.unreplicate(p_state), train_iter,
+                        summary["mean_dice"] if do_eval else None)
+  finally:
+    manager.wait_until_finished()
+    log.close()
+    if hasattr(train_iter, "close"):
+      train_iter.close()
+
+  if summary is None:  # nothing left to train: report the latest checkpoint's validation
+    summary = run_validation(_variables(p_state), config.num_steps)
+  if jax.process_index() == 0:
+    print(scoring.format_table(summary))
+  return summary
