@@ -66,10 +66,11 @@ def test_tiny_model_runs_with_options(downsample, bn, k):
   filters = (2, 4, 4, 8, 8)
   model = VNet(num_classes=3, filters=filters, downsample=downsample, batch_norm=bn, kernel_size=k)
   x = jax.random.normal(jax.random.key(1), (1, 16, 16, 16, 1))
-  variables = model.init(jax.random.key(0), x)
+  variables = jax.jit(model.init)(jax.random.key(0), x)
   assert _count(variables) == expected_params(1, 3, filters, downsample, k, bn)
-  out, updates = model.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)},
-                             mutable=["batch_stats"] if bn else [])
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={"dropout": jax.random.key(2)},
+                                           mutable=["batch_stats"] if bn else []))
+  out, updates = apply(variables, x)
   assert out.shape == (1, 16, 16, 16, 3) and np.all(np.isfinite(out))
   if bn:  # running statistics move during training
     old, new = variables["batch_stats"], updates["batch_stats"]

@@ -45,7 +45,7 @@ def test_train_step_matches_a_hand_written_adam_step(tmp_path):
                                   train=True, rngs={"dropout": key}, mutable=["batch_stats"])
     return losses.total_loss(jax.nn.softmax(logits), onehot, (0.5, 1.0, 2.0)), upd
 
-  (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, upd), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params)
   tx = optax.adam(config.learning_rate)
   updates, _ = tx.update(grads, tx.init(state.params), state.params)
   expected = optax.apply_updates(state.params, updates)
