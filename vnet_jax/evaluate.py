@@ -27,7 +27,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 import sys
 import warnings
@@ -41,6 +40,7 @@ from scipy import ndimage
 from surface_distance import metrics as sd_metrics
 
 from vnet_jax.data import DataError
+from vnet_jax.files import write_json_atomic, write_text_atomic
 from vnet_jax.data.layouts import FLARE22_CLASSES, FLARE22_TOLERANCES_MM
 
 SLICE_SCORED_CLASSES = frozenset({5, 6, 10})
@@ -385,13 +385,6 @@ def _json_safe(obj):
   return obj
 
 
-def _atomic_write(path: Path, text: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def _fmt_csv(x) -> str:
   if x is None or (isinstance(x, float) and math.isnan(x)):
     return "nan"
@@ -412,8 +405,8 @@ def write_summary(summary: dict, path_json: str | Path) -> tuple[Path, Path]:
   for case in summary["per_case"]:
     for name, s in case["per_class"].items():
       w.writerow([case["case"], name, *(_fmt_csv(s.get(m)) for m in METRICS)])
-  _atomic_write(path_csv, buf.getvalue())
-  _atomic_write(path_json, json.dumps(_json_safe(summary), indent=2) + "\n")
+  write_text_atomic(path_csv, buf.getvalue())
+  write_json_atomic(path_json, _json_safe(summary))
   return path_json, path_csv
 
 
@@ -505,8 +498,8 @@ def write_cv_summary(cv: dict, exp_dir: str | Path) -> tuple[Path, Path]:
   w.writerow(["mean", _fmt_csv(cv["mean_dice"]["mean"]), _fmt_csv(cv["mean_dice"]["std"]),
               _fmt_csv(cv["mean_nsd"]["mean"]), _fmt_csv(cv["mean_nsd"]["std"]), "nan", "nan"])
   path_csv, path_json = exp_dir / "cv_summary.csv", exp_dir / "cv_summary.json"
-  _atomic_write(path_csv, buf.getvalue())
-  _atomic_write(path_json, json.dumps(_json_safe(cv), indent=2) + "\n")
+  write_text_atomic(path_csv, buf.getvalue())
+  write_json_atomic(path_json, _json_safe(cv))
   return path_json, path_csv
 
 

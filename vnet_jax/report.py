@@ -49,6 +49,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from vnet_jax.data import DataError  # noqa: E402
+from vnet_jax.files import write_text_atomic  # noqa: E402
 
 PLOTS_DIR = "plots"
 CURVES_PNG = "training_curves.png"
@@ -568,9 +569,7 @@ def _write_html(path: Path, workdir: Path, summary: dict | None, class_ids: Mapp
     for case, png in overlays:
       parts += [f"<h3>{e(case)}</h3>", f"<figure>{_img(png, f'overlay {case}')}</figure>"]
   parts += ["</body>", "</html>", ""]
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  tmp.write_text("\n".join(parts), encoding="utf-8")
-  os.replace(tmp, path)
+  write_text_atomic(path, "\n".join(parts))
 
 
 def make_report(workdir: str | Path) -> Path:

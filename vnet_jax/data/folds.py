@@ -9,14 +9,13 @@ so the validation numbers of that fold measure fit, not generalisation.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from vnet_jax.data import DataError
+from vnet_jax.files import write_json_atomic
 
 Splits = list[dict[str, list[str]]]
 
@@ -76,18 +75,7 @@ def create_splits(case_ids: Iterable[str], num_folds: int = 5, seed: int = 12345
 
 def write_splits(path: str | Path, splits: Splits) -> None:
   """Writes splits.json atomically (temporary file in the same folder, then rename)."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(splits, f, indent=2)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+  write_json_atomic(path, splits)
 
 
 def read_splits(path: str | Path, case_ids: Iterable[str] | None = None,

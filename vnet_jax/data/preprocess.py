@@ -43,7 +43,6 @@ import os
 import shutil
 import socket
 import sys
-import tempfile
 import time
 import uuid
 import zlib
@@ -55,6 +54,7 @@ import numpy as np
 from scipy import ndimage
 
 from vnet_jax.data import DataError
+from vnet_jax.files import write_json_atomic
 from vnet_jax.data.layouts import Case, Dataset, discover_dataset
 from vnet_jax.data.validation import (CaseHeader, check_case_content, check_images_header,
                                       read_case_arrays, read_volume, validate_dataset)
@@ -397,19 +397,6 @@ def _apply_ct_normalization(image: np.ndarray, plan: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- cache files
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w") as f:
-      json.dump(obj, f, indent=1)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
 
 
 def _tmp_name(case_id: str) -> str:
@@ -792,7 +779,7 @@ def _prepare(dataset: Dataset, settings: PreprocessSettings, headers: dict[str, 
              for c in dataset.cases if not staged(c) and not done(c)]
     _run(tasks, num_workers, progress, "preprocess (pass 1/2)")
     plan = _compute_ct_stats(plan, stage_dir, [c.case_id for c in dataset.cases])
-    _write_json_atomic(hdir / PENDING_PLAN_FILE, plan)
+    write_json_atomic(hdir / PENDING_PLAN_FILE, plan, indent=1)
   tasks = []
   for c in dataset.cases:
     if done(c):
@@ -802,7 +789,7 @@ def _prepare(dataset: Dataset, settings: PreprocessSettings, headers: dict[str, 
   two_pass = any(t[0] == "finish" for t in tasks)
   _run(tasks, num_workers, progress, "preprocess (pass 2/2)" if two_pass else "preprocess")
   if not (hdir / PLAN_FILE).exists():
-    _write_json_atomic(hdir / PLAN_FILE, plan)
+    write_json_atomic(hdir / PLAN_FILE, plan, indent=1)
   (hdir / PENDING_PLAN_FILE).unlink(missing_ok=True)
   shutil.rmtree(stage_dir, ignore_errors=True)
   try:
