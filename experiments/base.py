@@ -34,6 +34,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.batch_norm = True
   c.model.dropout_rate = 0.1
   c.model.downsample = "conv"  # "conv" or "maxpool"
+  c.model.conv_impl = "auto"  # "auto": depth-split 2D convs on CPU, native 3D convs on GPU
 
   c.loss = ml_collections.ConfigDict()
   c.loss.class_weights = config_dict.placeholder(tuple)  # None: equal weights

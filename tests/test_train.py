@@ -1,6 +1,5 @@
 """Training: the pmap'd step against a hand-written step, multi-device equality, the loop, resume."""
 
-import functools
 import json
 import os
 import signal
@@ -10,7 +9,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -166,7 +164,8 @@ def test_main_trains_validates_and_writes_its_outputs(tmp_path, tiny_dataset):
   assert 0.0 <= summary["mean_dice"] <= 1.0
   assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == [2, 4]
   assert list((work / "tensorboard").glob("events.out.tfevents.*"))
-  assert (work / "plan.json").exists()
+  assert (work / "plan.json").exists() and (work / "report.html").exists()
+  assert (work / "plots" / "training_curves.png").exists()
   assert sorted(p.stem for p in (work / "eval" / "predictions").glob("*.npz")) == sorted(splits[0]["val"])
 
   # --mode=eval restores the best checkpoint (the only one with a validation score: step 4).

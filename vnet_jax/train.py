@@ -16,9 +16,10 @@ from absl import logging
 from flax import jax_utils
 from flax.training import train_state
 
-from vnet_jax import checkpoint, evaluate as scoring, inference, losses, metrics
+from vnet_jax import checkpoint, evaluate as scoring, inference, losses, metrics, report
 from vnet_jax.data import DataError
 from vnet_jax.data import augment, folds, layouts, pipeline, preprocess, validation
+from vnet_jax.files import write_json_atomic
 from vnet_jax.model import VNet
 
 AXIS = "batch"  # pmap axis: gradients, BatchNorm statistics and metrics are averaged over it
@@ -40,7 +41,8 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int, in_channels
   m = config.model
   return VNet(num_classes=num_classes, in_channels=in_channels, filters=tuple(m.filters),
               kernel_size=m.kernel_size, batch_norm=m.batch_norm, dropout_rate=m.dropout_rate,
-              downsample=m.downsample, bn_axis_name=bn_axis_name, dtype=jnp.dtype(config.compute_dtype))
+              downsample=m.downsample, bn_axis_name=bn_axis_name, conv_impl=m.conv_impl,
+              dtype=jnp.dtype(config.compute_dtype))
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -230,14 +232,6 @@ def validate(config: ml_collections.ConfigDict, model: VNet, variables: dict, ca
   return scoring.summarize(scores)
 
 
-def write_json(path: Path, obj: Any) -> None:
-  """Atomic write: a reader never sees a half-written file."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2))
-  os.replace(tmp, path)
-
-
 # ---------------------------------------------------------------------------- the loop
 
 class MetricLog:
@@ -314,13 +308,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, f
   workdir.mkdir(parents=True, exist_ok=True)
   (workdir / "eval").mkdir(exist_ok=True)
   if jax.process_index() == 0:
-    write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
+    write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
 
   cache, train_ids, val_ids = prepare_data(config, workdir, fold)
   names = class_names(config, cache)
   num_classes = len(names)
   if jax.process_index() == 0:  # all that predict needs to preprocess new scans like these
-    write_json(workdir / "plan.json", {**cache.plan, "cache_dir": str(cache.dir.absolute()),
+    write_json_atomic(workdir / "plan.json", {**cache.plan, "cache_dir": str(cache.dir.absolute()),
                                           "class_names": {str(k): v for k, v in names.items()}})
   if jax.process_index() == 0:
     print(f"{workdir}: fold {fold}, {len(train_ids)} training and {len(val_ids)} validation cases, "
@@ -384,4 +378,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, f
     summary = run_validation(_variables(p_state), config.num_steps)
   if jax.process_index() == 0:
     print(scoring.format_table(summary))
+    try:
+      print(f"report: {report.make_report(workdir)}")
+    except (DataError, OSError) as e:  # the trained run stays usable; the report can be redone
+      print(f"warning: no report ({e}); retry with python -m vnet_jax.report --workdir={workdir}")
   return summary
