@@ -5,7 +5,9 @@ r"""Demo: a small VNet on synthetic FLARE22-like CT, sized for a 2-core CPU (und
 
 On first use it writes a synthetic FLARE22-layout dataset to WORKDIR/synthetic_data, then
 preprocesses it, trains on folds 1-4, validates fold 0 with sliding-window inference and prints a
-per-organ Dice table. Expect a mean organ Dice of about 0.75 or more on the validation fold.
+per-organ Dice table. Measured 2026-11-26 on a 2-core CPU: 6.5 minutes, mean organ Dice 0.76
+(11 organs at 0.75-0.96; pancreas and right adrenal gland still at 0 after 500 steps: small, low
+contrast organs that the network starts to predict only later).
 For a smoke test: --config.num_steps=20.
 """
 
@@ -29,6 +31,9 @@ def get_config():
   c.checkpoint_every = 100
   c.model.filters = (8, 16, 32, 32, 32)
   c.model.dropout_rate = 0.0
+  # A stronger per-voxel (focal) term keeps every organ's logit alive early on; with Dice alone,
+  # small organs the network never predicts in the first steps can stay at Dice 0.
+  c.loss.focal_weight = 10.0
   c.augment.scale_prob = 0.0
   c.augment.noise_prob = 0.0
   c.augment.gamma_prob = 0.0
