@@ -18,7 +18,7 @@ from flax.training import train_state
 
 from vnet_jax import checkpoint, evaluate as scoring, inference, losses, metrics, report
 from vnet_jax.data import DataError
-from vnet_jax.data import augment, folds, layouts, pipeline, preprocess, validation
+from vnet_jax.data import augment, folds, layouts, pipeline, preprocess
 from vnet_jax.files import write_json_atomic
 from vnet_jax.model import VNet
 
@@ -153,7 +153,9 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path, fold: int | s
   """Validates, preprocesses (cached) and splits the dataset; returns (cache, train ids, val ids)."""
   data_dir = resolve_data_dir(config, workdir)
   dataset = layouts.discover_dataset(data_dir)
-  validation.validate_dataset(dataset, num_folds=config.num_folds, fold=fold)
+  # Fold arguments are checked before the slow part; prepare_dataset checks every header itself.
+  folds.check_num_folds(len(dataset.cases), config.num_folds, str(data_dir))
+  folds.parse_fold(fold, config.num_folds, str(data_dir))
   prepare = lambda: preprocess.prepare_dataset(dataset, preprocess_settings(config), cache_root(config),
                                                num_workers=config.data.preprocess_workers,
                                                progress=jax.process_index() == 0)
