@@ -64,6 +64,18 @@ def test_focal_matches_reference(shape, num_classes, empty):
                              ref_focal(p, g, 0.5, 0.0), rtol=1e-5)
 
 
+def test_focal_gradient_and_all_zero_rows_match_reference():
+  p, g = _random_case(np.random.default_rng(5), (2, 3, 4, 5), 4)
+  g[0, 1] = 0.0  # voxels with no class (all-zero rows) add nothing
+  alpha, gamma = 0.25, 2.0
+  got = jax.grad(losses.focal_loss)(jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32))
+  q = np.clip(p, 1e-7, 1 - 1e-7)
+  expected = g * (alpha * gamma * (1 - q) ** (gamma - 1) * np.log(q) - alpha * (1 - q) ** gamma / q) / g.size
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
+  np.testing.assert_allclose(losses.focal_loss(jnp.asarray(p, jnp.float32), jnp.asarray(g)), ref_focal(p, g),
+                             rtol=1e-5)
+
+
 def test_total_is_dice_plus_weighted_focal():
   p, g = _random_case(np.random.default_rng(3), (1, 4, 4, 4), 3)
   w = [1.0, 2.0, 3.0]
