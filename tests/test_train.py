@@ -16,7 +16,7 @@ import pytest
 from flax import jax_utils
 
 from tests.conftest import make_tiny_config, tiny_flags
-from vnet_jax import losses, train
+from vnet_jax import losses, train, xla_options
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -43,7 +43,9 @@ def test_train_step_matches_a_hand_written_adam_step(tmp_path):
                                   train=True, rngs={"dropout": key}, mutable=["batch_stats"])
     return losses.total_loss(jax.nn.softmax(logits), onehot, (0.5, 1.0, 2.0)), upd
 
-  (loss, upd), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(state.params)
+  # Same compiler options as the step, so both sum in the same order.
+  (loss, upd), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
+                               compiler_options=xla_options.compiler_options())(state.params)
   tx = optax.adam(config.learning_rate)
   updates, _ = tx.update(grads, tx.init(state.params), state.params)
   expected = optax.apply_updates(state.params, updates)

@@ -195,12 +195,11 @@ def _bench_train() -> dict:
   p_step = train.make_p_train_step(config, FLAGS.num_classes)
 
   t0 = time.perf_counter()
-  compiled = p_step.lower(p_state, batch).compile()
+  compiled = p_step.compile(p_state, batch)
   compile_s = time.perf_counter() - t0
   # Per device: a pmap'd executable is the one-device program.
   flops = _flops(compiled.cost_analysis())
   mem = compiled.memory_analysis()
-  # The compiled executable is called directly: calling p_step could trace and compile again.
   t0 = time.perf_counter()
   p_state, metrics = compiled(p_state, batch)
   jax.block_until_ready((p_state, metrics))

@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import jax_utils
 
+from vnet_jax import xla_options
+
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 # All 8 subsets of the spatial axes of a (N, D, H, W, C) batch: the mirror TTA flips.
@@ -129,7 +131,7 @@ class SlidingWindowPredictor:
     # Replicated once: per-call broadcasting would re-send the weights for every group.
     self._variables = jax_utils.replicate(variables, self.devices)
     self._gaussian = jax_utils.replicate(jnp.asarray(self.gaussian), self.devices)
-    self._step = jax.pmap(self._device_step(apply_fn), devices=self.devices)
+    self._step = xla_options.pmap(self._device_step(apply_fn), devices=self.devices)
 
   @property
   def group_size(self) -> int:
