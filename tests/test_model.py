@@ -124,6 +124,22 @@ def test_depth_split_conv_equals_lax_conv(k, cin, cout):
   np.testing.assert_allclose(native, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_depth_split_conv_gradients_equal_lax_conv_under_the_compiler_options():
+  from jax import lax
+  from vnet_jax import xla_options
+  from vnet_jax.model import depth_split_conv
+  rng = np.random.default_rng(7)
+  x = rng.normal(size=(2, 6, 8, 5, 3)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 3, 3, 4)).astype(np.float32)
+  r = rng.normal(size=(2, 6, 8, 5, 4)).astype(np.float32)
+  native = lambda x, w: lax.conv_general_dilated(x, w, (1, 1, 1), "SAME",
+                                                 dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+  grads = lambda conv: jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) * r), argnums=(0, 1)),
+                               compiler_options=xla_options.compiler_options())(x, w)
+  for got, expected in zip(grads(depth_split_conv), grads(native)):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_down2_and_up2_equal_lax_strided_and_transposed_convs():
   from jax import lax
   from vnet_jax.model import Down2, Up2
