@@ -104,7 +104,7 @@ def _f64(x):
   return np.asarray(x, np.float64)
 
 
-@pytest.mark.parametrize("k,cin,cout", [(3, 1, 4), (3, 5, 3), (5, 2, 2)])
+@pytest.mark.parametrize("k,cin,cout", [(3, 1, 4), (3, 5, 3), (5, 2, 2), (5, 2, 3)])
 def test_depth_split_conv_equals_lax_conv(k, cin, cout):
   from jax import lax
   from vnet_jax.model import depth_split_conv
@@ -124,14 +124,15 @@ def test_depth_split_conv_equals_lax_conv(k, cin, cout):
   np.testing.assert_allclose(native, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_depth_split_conv_gradients_equal_lax_conv_under_the_compiler_options():
+@pytest.mark.parametrize("cin,cout", [(2, 4), (4, 3)])  # taps in input / output channels
+def test_depth_split_conv_gradients_equal_lax_conv_under_the_compiler_options(cin, cout):
   from jax import lax
   from vnet_jax import xla_options
   from vnet_jax.model import depth_split_conv
   rng = np.random.default_rng(7)
-  x = rng.normal(size=(2, 6, 8, 5, 3)).astype(np.float32)
-  w = rng.normal(size=(3, 3, 3, 3, 4)).astype(np.float32)
-  r = rng.normal(size=(2, 6, 8, 5, 4)).astype(np.float32)
+  x = rng.normal(size=(2, 6, 8, 5, cin)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 3, cin, cout)).astype(np.float32)
+  r = rng.normal(size=(2, 6, 8, 5, cout)).astype(np.float32)
   native = lambda x, w: lax.conv_general_dilated(x, w, (1, 1, 1), "SAME",
                                                  dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
   grads = lambda conv: jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) * r), argnums=(0, 1)),

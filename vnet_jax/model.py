@@ -13,17 +13,23 @@ Dtype = Any
 def depth_split_conv(x, kernel):
   """'SAME' 3D convolution as one 2D convolution over depth slices, depth folded into batch.
 
-  The 2D convolution gives, for every depth slice, the response to each of the k kernel-depth
-  taps as k x O output channels; output slice d sums tap i's response of input slice d + i - k//2.
+  The k kernel-depth taps go into the 2D convolution's channels, on whichever side is smaller:
+  with fewer input than output channels (the first layer), each slice's input is the channel
+  concatenation of its k depth neighbours; otherwise the 2D convolution answers every tap as
+  k x O output channels, and output slice d sums tap i's answer of input slice d + i - k//2.
   Same numbers as lax.conv_general_dilated; XLA's CPU backend runs 2D convolutions several times
   faster than 3D ones (docs/performance.md), so this is the CPU formulation.
   """
   k, o = kernel.shape[0], kernel.shape[-1]
   n, d, h, w, c = x.shape
-  padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (0, 0), (0, 0), (0, 0))).reshape(n * (d + k - 1), h, w, c)
+  padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (0, 0), (0, 0), (0, 0)))
+  conv2d = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  if c < o:
+    stacked = jnp.concatenate([padded[:, i:i + d] for i in range(k)], axis=-1).reshape(n * d, h, w, k * c)
+    taps = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kernel.shape[1], kernel.shape[2], k * c, o)
+    return conv2d(stacked, taps).reshape(n, d, h, w, o)
   taps = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(kernel.shape[1], kernel.shape[2], c, k * o)
-  y = lax.conv_general_dilated(padded, taps, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-  y = y.reshape(n, d + k - 1, h, w, k * o)
+  y = conv2d(padded.reshape(n * (d + k - 1), h, w, c), taps).reshape(n, d + k - 1, h, w, k * o)
   return sum(y[:, i:i + d, :, :, i * o:(i + 1) * o] for i in range(k))
 
 
