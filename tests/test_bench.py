@@ -15,7 +15,7 @@ TINY_MODEL = ["--patch=16,32,32", "--filters=2,4,4,8,8"]
 TRAIN_KEYS = {"bench", "device", "platform", "num_devices", "patch", "per_device_batch", "dtype", "filters",
               "num_classes", "conv_impl", "steps", "compile_s", "first_step_s", "step_s", "voxels_per_s",
               "flops_per_step", "achieved_flops_per_s", "peak_flops_per_s", "efficiency",
-              "peak_device_memory_mb", "step_temp_memory_mb", "loss"}
+              "peak_device_memory_mb", "step_temp_memory_mb", "page_faults_per_step", "glibc_tunables", "loss"}
 INFER_KEYS = {"bench", "device", "num_devices", "shape", "spacing", "target_spacing", "preprocessed_shape",
               "original_shape", "patch", "tta", "windows", "setup_s", "compile_s", "preprocess_s",
               "sliding_window_s", "map_back_s", "total_s", "peak_rss_mb", "peak_device_memory_mb"}
@@ -38,6 +38,9 @@ def test_train_reports_step_time_flops_and_efficiency():
   assert r["conv_impl"] in ("native", "depth_split")  # "auto" is reported resolved
   assert r["num_devices"] >= 1 and r["device"]
   assert r["compile_s"] > 0 and 0 < r["step_s"] < 60
+  assert r["page_faults_per_step"] >= 0
+  if sys.platform.startswith("linux") and "glibc.malloc.hugetlb" not in os.environ.get("GLIBC_TUNABLES", ""):
+    assert "glibc.malloc.hugetlb=1" in r["glibc_tunables"]  # the bench re-executed itself with huge pages
   # step_s is rounded to 0.1 ms in the JSON, voxels_per_s is not.
   assert r["voxels_per_s"] == pytest.approx(r["num_devices"] * 16 * 32 * 32 / r["step_s"], rel=0.05)
   assert r["flops_per_step"] > 0 and r["peak_flops_per_s"] > 0

@@ -127,7 +127,7 @@ def test_depth_split_conv_equals_lax_conv(k, cin, cout):
 @pytest.mark.parametrize("cin,cout", [(2, 4), (4, 3)])  # taps in input / output channels
 def test_depth_split_conv_gradients_equal_lax_conv_under_the_compiler_options(cin, cout):
   from jax import lax
-  from vnet_jax import xla_options
+  from vnet_jax import runtime
   from vnet_jax.model import depth_split_conv
   rng = np.random.default_rng(7)
   x = rng.normal(size=(2, 6, 8, 5, cin)).astype(np.float32)
@@ -136,7 +136,7 @@ def test_depth_split_conv_gradients_equal_lax_conv_under_the_compiler_options(ci
   native = lambda x, w: lax.conv_general_dilated(x, w, (1, 1, 1), "SAME",
                                                  dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
   grads = lambda conv: jax.jit(jax.grad(lambda x, w: jnp.sum(conv(x, w) * r), argnums=(0, 1)),
-                               compiler_options=xla_options.compiler_options())(x, w)
+                               compiler_options=runtime.compiler_options())(x, w)
   for got, expected in zip(grads(depth_split_conv), grads(native)):
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 

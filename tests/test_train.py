@@ -16,7 +16,7 @@ import pytest
 from flax import jax_utils
 
 from tests.conftest import make_tiny_config, tiny_flags
-from vnet_jax import losses, train, xla_options
+from vnet_jax import losses, train, runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,7 @@ def test_train_step_matches_a_hand_written_adam_step(tmp_path):
 
   # Same compiler options as the step, so both sum in the same order.
   (loss, upd), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
-                               compiler_options=xla_options.compiler_options())(state.params)
+                               compiler_options=runtime.compiler_options())(state.params)
   tx = optax.adam(config.learning_rate)
   updates, _ = tx.update(grads, tx.init(state.params), state.params)
   expected = optax.apply_updates(state.params, updates)

@@ -205,11 +205,13 @@ def _bench_train() -> dict:
   jax.block_until_ready((p_state, metrics))
   first_step_s = time.perf_counter() - t0
   times = []
+  faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(FLAGS.steps):
     t0 = time.perf_counter()
     p_state, metrics = compiled(p_state, batch)
     jax.block_until_ready((p_state, metrics))
     times.append(time.perf_counter() - t0)
+  page_faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / FLAGS.steps
   loss = float(jax.device_get(metrics["loss"])[0])
   peak_mem = _peak_memory_mb()
   step_s = float(np.median(times))
@@ -262,6 +264,9 @@ def _bench_train() -> dict:
       "peak_device_memory_mb": peak_mem,
       # XLA's plan for the step: scratch beyond arguments and outputs (known on every backend).
       "step_temp_memory_mb": round(mem.temp_size_in_bytes / 2**20, 1) if mem is not None else None,
+      # Host page faults per step: high where scratch memory is not on huge pages (runtime.py).
+      "page_faults_per_step": round(page_faults),
+      "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
       "loss": loss,
       "profile_dir": profile,
   }
@@ -478,4 +483,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  from vnet_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.exec_with_huge_pages()
   app.run(main)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import jax_utils
 
-from vnet_jax import xla_options
+from vnet_jax import runtime
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -131,7 +131,7 @@ class SlidingWindowPredictor:
     # Replicated once: per-call broadcasting would re-send the weights for every group.
     self._variables = jax_utils.replicate(variables, self.devices)
     self._gaussian = jax_utils.replicate(jnp.asarray(self.gaussian), self.devices)
-    self._step = xla_options.pmap(self._device_step(apply_fn), devices=self.devices)
+    self._step = runtime.pmap(self._device_step(apply_fn), devices=self.devices)
 
   @property
   def group_size(self) -> int:

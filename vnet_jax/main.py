@@ -74,4 +74,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from vnet_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.exec_with_huge_pages()
   app.run(main)

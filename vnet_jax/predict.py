@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 from absl import app, flags
 
-from vnet_jax import checkpoint, inference, train
+from vnet_jax import checkpoint, inference, runtime, train
 from vnet_jax.data import DataError, layouts, preprocess
 
 
@@ -98,6 +98,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  runtime.exec_with_huge_pages()
   flags.DEFINE_string("workdir", None, "Workdir of a training run (config.json, plan.json, checkpoints/).", required=True)
   flags.DEFINE_string("input", None, "A NIfTI file or a folder of them.", required=True)
   flags.DEFINE_string("output", None, "Output folder for <case>.nii.gz.", required=True)

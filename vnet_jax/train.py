@@ -16,7 +16,7 @@ from absl import logging
 from flax import jax_utils
 from flax.training import train_state
 
-from vnet_jax import checkpoint, evaluate as scoring, inference, losses, metrics, report, xla_options
+from vnet_jax import checkpoint, evaluate as scoring, inference, losses, metrics, report, runtime
 from vnet_jax.data import DataError
 from vnet_jax.data import augment, folds, layouts, pipeline, preprocess
 from vnet_jax.files import write_json_atomic
@@ -119,7 +119,7 @@ def _train_step(state: TrainState, batch: dict, *, num_classes: int, loss_config
 def make_p_train_step(config: ml_collections.ConfigDict, num_classes: int):
   step = functools.partial(train_step, num_classes=num_classes, loss_config=config.loss,
                            weights=class_weights(config, num_classes))
-  return xla_options.pmap(step, axis_name=AXIS, donate_argnums=(0,))
+  return runtime.pmap(step, axis_name=AXIS, donate_argnums=(0,))
 
 
 # ---------------------------------------------------------------------------- data

@@ -1,0 +1,71 @@
+"""Compiler options: applied where jaxlib takes them, same numbers, one compile per signature."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vnet_jax import runtime
+from vnet_jax.model import depth_split_conv
+
+
+def test_cpu_options_are_used_exactly_when_jaxlib_accepts_them():
+  options = runtime.compiler_options("cpu")
+  x = jnp.zeros(2)
+  if options:
+    assert options == runtime._CPU_OPTIONS
+    jax.jit(jnp.sin).lower(x).compile(compiler_options=options)
+  else:
+    with pytest.raises(Exception):
+      jax.jit(jnp.sin).lower(x).compile(compiler_options=runtime._CPU_OPTIONS)
+
+
+def test_no_options_off_cpu():
+  assert runtime.compiler_options("gpu") == {}
+  assert runtime.compiler_options("tpu") == {}
+
+
+def _conv_case(depth):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(1, 2, depth, 8, 8, 4)).astype(np.float32)
+  k = (0.2 * rng.normal(size=(1, 3, 3, 3, 4, 5))).astype(np.float32)
+  return x, k
+
+
+def test_pmapped_matches_plain_pmap_and_compiles_once_per_signature():
+  p = runtime.pmap(depth_split_conv)
+  x, k = _conv_case(6)
+  expected = jax.pmap(depth_split_conv)(x, k)
+  np.testing.assert_allclose(p(x, k), expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(p(x + 1, k), jax.pmap(depth_split_conv)(x + 1, k), rtol=1e-5, atol=1e-5)
+  assert len(p._executables) == 1
+  x4, _ = _conv_case(4)
+  assert p(x4, k).shape == (1, 2, 4, 8, 8, 5)
+  assert len(p._executables) == 2
+  assert p.compile(x, k) is p.compile(x + 2, k)
+
+
+def _exec_env(monkeypatch, platform, tunables):
+  calls = []
+  monkeypatch.setattr(runtime.sys, "platform", platform)
+  monkeypatch.setattr(runtime.os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
+  if tunables is None:
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  else:
+    monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+  runtime.exec_with_huge_pages()
+  return calls
+
+
+def test_exec_with_huge_pages_reexecutes_the_same_command_once(monkeypatch):
+  (exe, argv, env), = _exec_env(monkeypatch, "linux", None)
+  assert exe == runtime.sys.executable and argv == runtime.sys.orig_argv
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+  (_, _, env), = _exec_env(monkeypatch, "linux", "glibc.malloc.arena_max=2")
+  assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+
+
+@pytest.mark.parametrize("platform,tunables", [("linux", "glibc.malloc.hugetlb=0"), ("linux", "glibc.malloc.hugetlb=1"),
+                                               ("darwin", None)])
+def test_exec_with_huge_pages_respects_a_set_tunable_and_other_systems(monkeypatch, platform, tunables):
+  assert _exec_env(monkeypatch, platform, tunables) == []
