@@ -69,3 +69,21 @@ def test_exec_with_huge_pages_reexecutes_the_same_command_once(monkeypatch):
                                                ("darwin", None)])
 def test_exec_with_huge_pages_respects_a_set_tunable_and_other_systems(monkeypatch, platform, tunables):
   assert _exec_env(monkeypatch, platform, tunables) == []
+
+
+def test_compiled_model_propagates_nan_like_xla():
+  """Overflowing activations must reach the logits as NaN, or a diverged run trains on silently."""
+  from vnet_jax.model import VNet
+  model = VNet(num_classes=3, filters=(2, 4, 4, 8, 8), conv_impl="depth_split", dropout_rate=0.0)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 16, 32, 32, 1)).astype(np.float32))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  huge = jax.tree.map(lambda p: p * 1e30 + 1e29, variables["params"])
+
+  def logits(options):
+    apply = lambda p: model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=True,
+                                  mutable=["batch_stats"])[0]
+    return np.asarray(jax.jit(apply, compiler_options=options)(huge))
+
+  expected = np.isnan(logits({}))
+  assert expected.any()
+  np.testing.assert_array_equal(np.isnan(logits(runtime.compiler_options())), expected)

@@ -7,7 +7,7 @@ experimental in XLA, so it is used only where the installed jaxlib accepts it, a
 XLA_FLAGS already sets it (the user's choice wins).
 `jax.pmap` takes no compiler options, hence the wrapper.
 
-XLA:CPU allocates each execution's scratch memory afresh (683 MB for a 64^3 train step) and
+XLA:CPU allocates each execution's scratch memory afresh (about 700 MB for a 64^3 train step) and
 glibc maps it page by page: 180k page faults a step, 0.2 s of its 1.3 s. Backed by transparent
 huge pages they are 1k. glibc reads that setting only at start, so the command-line entry points
 re-execute themselves once with it (`exec_with_huge_pages`).
@@ -21,8 +21,12 @@ from typing import Any, Callable
 from absl import logging
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 
-_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE"}
+# Any YNN fusion type switches the convolutions to YNNPACK. REDUCE, not ELTWISE: as fast for the
+# train step, and ELTWISE's fused ReLU turns NaN into 0, hiding a diverged run from the
+# non-finite-loss check (tests/test_runtime.py).
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
 
 
 @functools.cache
@@ -61,7 +65,17 @@ class Pmapped:
     return self._executables[key]
 
   def __call__(self, *args):
-    return self.compile(*args)(*args)
+    executable = self.compile(*args)
+    if jax.process_count() == 1:
+      return executable(*args)
+    # Multi-process: the executable takes and gives global arrays; pmap's callers pass and
+    # expect each process's local devices' shares, which jax.pmap converts itself.
+    in_shardings = jax.tree.leaves(executable.input_shardings[0])
+    global_args = [multihost_utils.host_local_array_to_global_array(x, sh.mesh, sh.spec)
+                   for x, sh in zip(jax.tree.leaves(args), in_shardings)]
+    out = executable(*jax.tree.unflatten(jax.tree.structure(args), global_args))
+    return jax.tree.map(lambda x, sh: multihost_utils.global_array_to_host_local_array(x, sh.mesh, sh.spec),
+                        out, executable.output_shardings)
 
 
 def pmap(fn: Callable, **pmap_kwargs) -> Pmapped:
