@@ -33,7 +33,7 @@ _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_RED
 def compiler_options(backend: str | None = None) -> dict[str, str]:
   """Options for the default (or given) backend; empty where none apply or jaxlib refuses them."""
   backend = backend or jax.default_backend()
-  if backend != "cpu" or "xla_cpu_experimental_ynn_fusion_type" in os.environ.get("XLA_FLAGS", ""):
+  if backend != "cpu" or any(name in os.environ.get("XLA_FLAGS", "") for name in _CPU_OPTIONS):
     return {}
   try:
     x = jax.device_put(jnp.zeros(2), jax.devices(backend)[0])
@@ -58,22 +58,26 @@ class Pmapped:
     self._executables: dict[Any, Any] = {}
 
   def compile(self, *args):
-    leaves, treedef = jax.tree.flatten(args)
+    return self._executable(*jax.tree.flatten(args))
+
+  def _executable(self, leaves, treedef):
     key = (treedef, tuple((getattr(x, "shape", None), getattr(x, "dtype", type(x))) for x in leaves))
     if key not in self._executables:
+      args = jax.tree.unflatten(treedef, leaves)
       self._executables[key] = self._pmapped.lower(*args).compile(compiler_options=self._options)
     return self._executables[key]
 
   def __call__(self, *args):
-    executable = self.compile(*args)
+    leaves, treedef = jax.tree.flatten(args)
+    executable = self._executable(leaves, treedef)
     if jax.process_count() == 1:
       return executable(*args)
     # Multi-process: the executable takes and gives global arrays; pmap's callers pass and
     # expect each process's local devices' shares, which jax.pmap converts itself.
     in_shardings = jax.tree.leaves(executable.input_shardings[0])
     global_args = [multihost_utils.host_local_array_to_global_array(x, sh.mesh, sh.spec)
-                   for x, sh in zip(jax.tree.leaves(args), in_shardings)]
-    out = executable(*jax.tree.unflatten(jax.tree.structure(args), global_args))
+                   for x, sh in zip(leaves, in_shardings)]
+    out = executable(*jax.tree.unflatten(treedef, global_args))
     return jax.tree.map(lambda x, sh: multihost_utils.global_array_to_host_local_array(x, sh.mesh, sh.spec),
                         out, executable.output_shardings)
 

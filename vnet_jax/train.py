@@ -88,14 +88,6 @@ def class_weights(config: ml_collections.ConfigDict, num_classes: int) -> np.nda
 def train_step(state: TrainState, batch: dict, *, num_classes: int, loss_config: ml_collections.ConfigDict,
                weights: np.ndarray | None):
   """One optimizer step on this device's share of the global batch (run under pmap)."""
-  # pmap runs each device's program unpartitioned, so the partitionable threefry buys nothing
-  # here; the classic one draws the dropout masks 3x faster on CPU (docs/performance.md).
-  with jax.threefry_partitionable(False):
-    return _train_step(state, batch, num_classes=num_classes, loss_config=loss_config, weights=weights)
-
-
-def _train_step(state: TrainState, batch: dict, *, num_classes: int, loss_config: ml_collections.ConfigDict,
-                weights: np.ndarray | None):
   device = jax.lax.axis_index(AXIS)
   dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device)
   onehot = jax.nn.one_hot(batch["label"], num_classes, dtype=jnp.float32)
@@ -108,7 +100,10 @@ def _train_step(state: TrainState, batch: dict, *, num_classes: int, loss_config
     focal = losses.focal_loss(probs, onehot, loss_config.focal_alpha, loss_config.focal_gamma)
     return dice + loss_config.focal_weight * focal, (updates, probs, dice, focal)
 
-  (loss, (updates, probs, dice, focal)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  # pmap runs each device's program unpartitioned, so the partitionable threefry buys nothing
+  # here; the classic one draws the dropout masks 3x faster on CPU (docs/performance.md).
+  with jax.threefry_partitionable(False):
+    (loss, (updates, probs, dice, focal)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
   state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
   step_metrics = {"loss": loss, "dice_loss": dice, "focal_loss": focal,
