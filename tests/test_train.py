@@ -16,7 +16,7 @@ import pytest
 from flax import jax_utils
 
 from tests.conftest import make_tiny_config, tiny_flags
-from vnet_jax import losses, train, runtime
+from vnet_jax import losses, runtime, train
 
 ROOT = Path(__file__).resolve().parent.parent
 

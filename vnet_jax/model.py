@@ -20,15 +20,15 @@ def depth_split_conv(x, kernel):
   Same numbers as lax.conv_general_dilated; XLA's CPU backend runs 2D convolutions several times
   faster than 3D ones (docs/performance.md), so this is the CPU formulation.
   """
-  k, o = kernel.shape[0], kernel.shape[-1]
+  k, kh, kw, _, o = kernel.shape
   n, d, h, w, c = x.shape
   padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (0, 0), (0, 0), (0, 0)))
   conv2d = lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   if c < o:
     stacked = jnp.concatenate([padded[:, i:i + d] for i in range(k)], axis=-1).reshape(n * d, h, w, k * c)
-    taps = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kernel.shape[1], kernel.shape[2], k * c, o)
+    taps = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, k * c, o)
     return conv2d(stacked, taps).reshape(n, d, h, w, o)
-  taps = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(kernel.shape[1], kernel.shape[2], c, k * o)
+  taps = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(kh, kw, c, k * o)
   y = conv2d(padded.reshape(n * (d + k - 1), h, w, c), taps).reshape(n, d + k - 1, h, w, k * o)
   return sum(y[:, i:i + d, :, :, i * o:(i + 1) * o] for i in range(k))
 
