@@ -71,7 +71,12 @@ class Up2(nn.Module):
                         jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     # lax.conv_transpose's convention: output offset a within each 2-block uses kernel[1 - a].
-    y = jnp.einsum("nxyzf,abcfo->nxaybzco", x.astype(self.dtype), kernel[::-1, ::-1, ::-1].astype(self.dtype))
+    taps = jnp.transpose(kernel[::-1, ::-1, ::-1], (3, 0, 1, 2, 4)).reshape(-1, 8 * self.features)
+    # An explicit (voxels, f) x (f, 8 o) product keeps its result voxel-major. Written as one
+    # einsum, XLA:CPU computed it transposed, and every consumer read it 128 KB apart
+    # (docs/performance.md).
+    y = x.astype(self.dtype).reshape(-1, x.shape[-1]) @ taps.astype(self.dtype)
+    y = jnp.transpose(y.reshape(n, d, h, w, 2, 2, 2, self.features), (0, 1, 4, 2, 5, 3, 6, 7))
     return y.reshape(n, 2 * d, 2 * h, 2 * w, self.features) + bias.astype(self.dtype)
 
 
