@@ -141,6 +141,30 @@ def test_depth_split_conv_gradients_equal_lax_conv_under_the_compiler_options(ci
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def test_depth_split_conv_slicewise_kernel_gradient_equals_float64_numpy():
+  # 32x32 slices with more input than output channels: the kernel gradient is summed slice by slice.
+  from vnet_jax import runtime
+  from vnet_jax.model import depth_split_conv
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(2, 3, 32, 32, 3)).astype(np.float32)
+  w = rng.normal(size=(3, 3, 3, 3, 2)).astype(np.float32)
+  r = rng.normal(size=(2, 3, 32, 32, 2)).astype(np.float32)
+  dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(depth_split_conv(x, w) * r), argnums=(0, 1)),
+                   compiler_options=runtime.compiler_options())(x, w)
+  # d/dw of sum(conv * r): each kernel offset's shifted input against r; d/dx: r through the
+  # transposed kernel, added back at every offset of the zero-padded input.
+  xp = np.pad(_f64(x), ((0, 0), (1, 1), (1, 1), (1, 1), (0, 0)))
+  shifted = lambda a, b, c: (slice(None), slice(a, a + 3), slice(b, b + 32), slice(c, c + 32))
+  offsets = [(a, b, c) for a in range(3) for b in range(3) for c in range(3)]
+  expected_dw = np.zeros(w.shape)
+  expected_dxp = np.zeros(xp.shape)
+  for a, b, c in offsets:
+    expected_dw[a, b, c] = np.einsum("ndhwc,ndhwo->co", xp[shifted(a, b, c)], _f64(r))
+    expected_dxp[shifted(a, b, c)] += np.einsum("ndhwo,co->ndhwc", _f64(r), _f64(w)[a, b, c])
+  np.testing.assert_allclose(dw, expected_dw, rtol=1e-5, atol=1e-3)
+  np.testing.assert_allclose(dx, expected_dxp[:, 1:-1, 1:-1, 1:-1], rtol=1e-5, atol=1e-4)
+
+
 def test_down2_and_up2_equal_lax_strided_and_transposed_convs():
   from jax import lax
   from vnet_jax.model import Down2, Up2
@@ -167,3 +191,19 @@ def test_conv_impls_give_the_same_network_output():
   np.testing.assert_allclose(split.apply(v, x), native.apply(v, x), rtol=1e-4, atol=1e-5)
   with pytest.raises(ValueError, match="conv_impl"):
     VNet(num_classes=3, conv_impl="fft").init(jax.random.key(0), x)
+
+
+def test_xla_kernel_gradients_traces_the_same_sums_without_a_loop():
+  from vnet_jax.model import depth_split_conv, xla_kernel_gradients
+  rng = np.random.default_rng(4)
+  x = jnp.asarray(rng.normal(size=(1, 2, 32, 32, 2)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, 3, 2, 2)), jnp.float32)
+  # A new function each time: JAX caches traces per function.
+  grad = lambda: jax.grad(lambda x, w: jnp.sum(depth_split_conv(x, w) ** 2), argnums=(0, 1))
+  assert "scan" in str(jax.make_jaxpr(grad())(x, w))
+  with xla_kernel_gradients():
+    jaxpr, grads = str(jax.make_jaxpr(grad())(x, w)), grad()(x, w)
+  assert "scan" not in jaxpr
+  assert "scan" in str(jax.make_jaxpr(grad())(x, w))  # restored on exit
+  for got, expected in zip(grads, grad()(x, w)):
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
