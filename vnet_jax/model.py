@@ -67,6 +67,24 @@ def xla_kernel_gradients():
     _slicewise_min_voxels = saved
 
 
+@jax.custom_vjp
+def _stored_once(y):
+  """y, gathered slice by slice into a buffer of its own: the same values.
+
+  XLA:CPU's fusion recomputes a cheap elementwise result inside every consumer rather than
+  storing it. For the depth-tap sum below that meant reading the 3-tap output again in each of
+  its 6-8 consumers (BatchNorm's statistics and normalisation, the ReLU, the next padding, the
+  gradients); a gather is one of the few operations XLA never duplicates into its consumers
+  (an optimization barrier is removed before fusion). 64^3 step: fastest steps 5-8% faster,
+  scratch memory 675 -> 541 MB (docs/performance.md). The gradient passes through unchanged.
+  """
+  return jnp.take(y, jnp.arange(y.shape[1]), axis=1, mode="clip", unique_indices=True,
+                  indices_are_sorted=True)
+
+
+_stored_once.defvjp(lambda y: (_stored_once(y), None), lambda _, g: (g,))
+
+
 def depth_split_conv(x, kernel):
   """'SAME' 3D convolution as one 2D convolution over depth slices, depth folded into batch.
 
@@ -88,7 +106,7 @@ def depth_split_conv(x, kernel):
   taps = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(kh, kw, c, k * o)
   conv2d = _conv2d_slicewise_kernel_grad if h * w >= _slicewise_min_voxels else _conv2d
   y = conv2d(padded.reshape(n * (d + k - 1), h, w, c), taps).reshape(n, d + k - 1, h, w, k * o)
-  return sum(y[:, i:i + d, :, :, i * o:(i + 1) * o] for i in range(k))
+  return _stored_once(sum(y[:, i:i + d, :, :, i * o:(i + 1) * o] for i in range(k)))
 
 
 def resolve_conv_impl(impl: str) -> str:
