@@ -92,7 +92,7 @@ def depth_split_conv(x, kernel):
   with fewer input than output channels (the first layer), each slice's input is the channel
   concatenation of its k depth neighbours; otherwise the 2D convolution answers every tap as
   k x O output channels, and output slice d sums tap i's answer of input slice d + i - k//2
-  (with the slice-wise kernel gradient where slices have 32x32 voxels or more).
+  (that sum stored once; the slice-wise kernel gradient where slices have 32x32 voxels or more).
   Same numbers as lax.conv_general_dilated; XLA's CPU backend runs 2D convolutions several times
   faster than 3D ones (docs/performance.md), so this is the CPU formulation.
   """
