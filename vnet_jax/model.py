@@ -34,7 +34,7 @@ def _slicewise_fwd(x, w):
 
 def _slicewise_bwd(residuals, dy):
   x, w = residuals
-  kh, kw = w.shape[:2]
+  kh, kw, c, o = w.shape
   _, h, width, _ = x.shape
   dx = jax.vjp(lambda x: _conv2d(x, w), x)[1](dy)[0]
   padded = jnp.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
@@ -45,7 +45,7 @@ def _slicewise_bwd(residuals, dy):
     return dw + lax.dot_general(cols, grad, (((0, 1), (0, 1)), ((), ())),
                                 preferred_element_type=jnp.float32), None
 
-  dw, _ = lax.scan(add_slice, jnp.zeros((w.size // w.shape[-1], w.shape[-1]), jnp.float32), (padded, dy))
+  dw, _ = lax.scan(add_slice, jnp.zeros((kh * kw * c, o), jnp.float32), (padded, dy))
   return dx, dw.reshape(w.shape).astype(w.dtype)
 
 
