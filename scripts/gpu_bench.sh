@@ -9,7 +9,9 @@
 #
 # Python: $PYTHON, else the first of .venv/bin/python and python3 whose JAX sees a GPU; if none
 # does, `pip install -e .[cuda]` is tried once (it needs PyPI) and the benchmarks then run on
-# whatever JAX finds, which each JSON line names ("device").
+# whatever JAX finds, which each JSON line names ("device"). Where that Python lacks vnet_jax's
+# other dependencies (a GPU image with JAX but no network), the wheels in .whl/ are installed for
+# this run: fetch them beforehand with scripts/gpu_wheels.sh.
 # GPU_BENCH_SMOKE=1 runs the same steps at tiny sizes (checks the script on a CPU in a minute).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -44,6 +46,18 @@ if [ -z "$python" ]; then
 fi
 "$python" -c 'import jax; print("python", __import__("sys").executable, "jax", jax.__version__, jax.devices())' \
   || { echo "!! $python: jax does not import"; exit 1; }
+# What the benchmarks import (bench.py imports these only when a benchmark runs).
+imports='import vnet_jax.bench, vnet_jax.train, vnet_jax.predict, vnet_jax.data.synthetic'
+if ! "$python" -c "$imports" >/dev/null 2>&1 && compgen -G ".whl/*.whl" >/dev/null; then
+  site=$(mktemp -d)
+  echo "== installing .whl/*.whl into $site for this run"
+  "$python" -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl \
+    && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+"$python" -c "$imports" || {
+  echo "!! vnet_jax does not import with $python: run scripts/gpu_wheels.sh where PyPI is reachable and bring .whl/"
+  exit 1
+}
 # JAX preallocates 75% of GPU memory by default; without it, memory_stats' peak is the step's own.
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
