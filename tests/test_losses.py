@@ -101,6 +101,21 @@ def test_bfloat16_inputs_are_reduced_in_float32():
   np.testing.assert_allclose(loss, ref_dice(p_rounded, g) + ref_focal(p_rounded, g), rtol=1e-4)
 
 
+def test_softmax_and_its_gradient_match_float64_reference():
+  rng = np.random.default_rng(7)
+  logits = rng.normal(size=(2, 3, 4, 5, 14)) * 3
+  # Logits above 88 overflow exp() in float32 unless the class maximum is subtracted.
+  logits[..., -1] += 95 * (rng.random(logits.shape[:-1]) < 0.5)
+  cotangent = rng.normal(size=logits.shape)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  probs, vjp = jax.vjp(losses.softmax, jnp.asarray(logits, jnp.float32))
+  np.testing.assert_allclose(probs, p, rtol=1e-5, atol=1e-7)
+  # d softmax^T r = p * (r - sum_c p_c r_c)
+  grad_ref = p * (cotangent - (p * cotangent).sum(-1, keepdims=True))
+  np.testing.assert_allclose(vjp(jnp.asarray(cotangent, jnp.float32))[0], grad_ref, rtol=1e-4, atol=1e-6)
+
+
 def test_gradients_match_finite_differences():
   rng = np.random.default_rng(6)
   logits = rng.normal(size=(1, 3, 3, 3, 3))
@@ -111,7 +126,7 @@ def test_gradients_match_finite_differences():
     p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
     return ref_dice(p, g, w) + ref_focal(p, g)
 
-  grad = jax.grad(lambda z: losses.total_loss(jax.nn.softmax(z), jnp.asarray(g), w))(jnp.asarray(logits, jnp.float32))
+  grad = jax.grad(lambda z: losses.total_loss(losses.softmax(z), jnp.asarray(g), w))(jnp.asarray(logits, jnp.float32))
   eps = 1e-5
   for idx in [(0, 0, 0, 0, 0), (0, 1, 2, 0, 1), (0, 2, 2, 2, 2), (0, 1, 0, 2, 1)]:
     step = np.zeros_like(logits)
@@ -128,7 +143,7 @@ rng = np.random.default_rng(0)
 z = jnp.asarray(rng.normal(size=(4, 4, 4, 4, 3)), jnp.float32)
 g = jax.nn.one_hot(rng.integers(0, 3, (4, 4, 4, 4)), 3)
 w = jnp.asarray(rng.normal(size=(3,)), jnp.float32)
-loss = lambda w, z, g, axis=None: losses.total_loss(jax.nn.softmax(z * w), g, [1., 2., 3.], axis_name=axis)
+loss = lambda w, z, g, axis=None: losses.total_loss(losses.softmax(z * w), g, [1., 2., 3.], axis_name=axis)
 def step(w, z, g):
   value, grad = jax.value_and_grad(lambda w: loss(w, z, g, "d"))(w)
   return jax.lax.pmean(value, "d"), jax.lax.pmean(grad, "d")

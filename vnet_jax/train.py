@@ -95,7 +95,7 @@ def train_step(state: TrainState, batch: dict, *, num_classes: int, loss_config:
   def loss_fn(params):
     logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["image"],
                                      train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"])
-    probs = jax.nn.softmax(logits.astype(jnp.float32))
+    probs = losses.softmax(logits.astype(jnp.float32))
     dice = losses.dice_loss(probs, onehot, weights, loss_config.smooth, axis_name=AXIS)
     focal = losses.focal_loss(probs, onehot, loss_config.focal_alpha, loss_config.focal_gamma)
     return dice + loss_config.focal_weight * focal, (updates, probs, dice, focal)
