@@ -26,7 +26,7 @@ def softmax(logits):
   jax.nn.softmax on CPU (docs/performance.md). The gradient is written out (custom VJP) so that
   its class sum is a product too.
   """
-  e = jnp.exp(logits - lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+  e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
   return e / _class_sum(e)
 
 
