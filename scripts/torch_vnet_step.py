@@ -4,7 +4,8 @@ Not part of the package (PyTorch is not a dependency). It exists so the CPU comp
 docs/performance.md can be rerun on any machine:
 
   python3.11 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch==2.13.0 numpy
-  /tmp/torchvenv/bin/python scripts/torch_vnet_step.py --patch 64 --batch 1 --filters 16,32,64,128,128
+  /tmp/torchvenv/bin/python scripts/torch_vnet_step.py --patch 64 --batch 1 \
+      --filters 16,32,64,128,128
 
 Mirrors vnet_jax/model.py: residual blocks of two 3x3x3 convs with BatchNorm (ReLU between,
 1x1 shortcut where channels change), 2x2x2 stride-2 convolution down and transposed convolution
@@ -22,7 +23,6 @@ from torch import nn
 
 
 class ResidualBlock(nn.Module):
-
   def __init__(self, cin: int, cout: int):
     super().__init__()
     self.conv1 = nn.Conv3d(cin, cout, 3, padding=1)
@@ -37,11 +37,12 @@ class ResidualBlock(nn.Module):
 
 
 class VNet(nn.Module):
-
   def __init__(self, num_classes: int, filters: list[int], dropout: float = 0.1):
     super().__init__()
     self.first = ResidualBlock(1, filters[0])
-    self.down = nn.ModuleList(nn.Conv3d(a, b, 2, stride=2) for a, b in zip(filters[:-1], filters[1:]))
+    self.down = nn.ModuleList(
+      nn.Conv3d(a, b, 2, stride=2) for a, b in zip(filters[:-1], filters[1:])
+    )
     self.enc = nn.ModuleList(ResidualBlock(f, f) for f in filters[1:])
     ups = list(zip(reversed(filters[1:]), reversed(filters[:-1])))
     self.up = nn.ModuleList(nn.ConvTranspose3d(a, b, 2, stride=2) for a, b in ups)
@@ -106,10 +107,23 @@ def main():
     t0 = time.perf_counter()
     loss = step()
     times.append(time.perf_counter() - t0)
-  print(json.dumps({"bench": "torch_train", "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "patch": args.patch, "batch": args.batch, "filters": filters, "steps": args.steps,
-                    "step_s": round(float(np.median(times)), 4), "step_s_min": round(min(times), 4),
-                    "step_s_max": round(max(times), 4), "loss": loss}))
+  print(
+    json.dumps(
+      {
+        "bench": "torch_train",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "patch": args.patch,
+        "batch": args.batch,
+        "filters": filters,
+        "steps": args.steps,
+        "step_s": round(float(np.median(times)), 4),
+        "step_s_min": round(min(times), 4),
+        "step_s_max": round(max(times), 4),
+        "loss": loss,
+      }
+    )
+  )
 
 
 if __name__ == "__main__":

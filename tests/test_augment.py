@@ -30,8 +30,9 @@ def test_none_leaves_data_unchanged_and_input_untouched():
   image, label = _patch(channels=2)
   image0, label0 = image.copy(), label.copy()
   for seed in range(5):
-    out_img, out_lab = aug_lib.augment(image, label, np.random.default_rng(seed),
-                                       AugmentConfig.none())
+    out_img, out_lab = aug_lib.augment(
+      image, label, np.random.default_rng(seed), AugmentConfig.none()
+    )
     np.testing.assert_array_equal(out_img, image0)
     np.testing.assert_array_equal(out_lab, label0)
     assert out_img.dtype == np.float32
@@ -47,8 +48,9 @@ def test_flips_move_image_and_label_together():
   image[..., 0] = label * 10.0 + np.arange(np.prod(SHAPE)).reshape(SHAPE) * 1e-4
   seen_axes = set()
   for seed in range(12):
-    out_img, out_lab = aug_lib.augment(image, label, np.random.default_rng(seed),
-                                       _only(flip_prob=0.5))
+    out_img, out_lab = aug_lib.augment(
+      image, label, np.random.default_rng(seed), _only(flip_prob=0.5)
+    )
     # The label is recoverable from the image voxel by voxel only if both moved the same way.
     np.testing.assert_array_equal(np.floor(out_img[..., 0] / 10.0 + 1e-3).astype(np.uint8), out_lab)
     # The ramp makes every voxel unique: find which flip the image got; the label got the same.
@@ -64,8 +66,14 @@ def test_flips_move_image_and_label_together():
 
 def test_intensity_augs_keep_labels_and_change_image():
   image, label = _patch(channels=2)
-  cfg = _only(scale_prob=1.0, contrast_prob=1.0, shift_prob=1.0, noise_prob=1.0,
-              noise_variance=(0.01, 0.1), gamma_prob=1.0)
+  cfg = _only(
+    scale_prob=1.0,
+    contrast_prob=1.0,
+    shift_prob=1.0,
+    noise_prob=1.0,
+    noise_variance=(0.01, 0.1),
+    gamma_prob=1.0,
+  )
   for seed in range(4):
     out_img, out_lab = aug_lib.augment(image, label, np.random.default_rng(seed), cfg)
     np.testing.assert_array_equal(out_lab, label)
@@ -102,8 +110,9 @@ def test_gamma_preserves_range_and_order():
 
 def test_noise_is_additive_and_zero_mean():
   image, label = _patch()
-  out, out_lab = aug_lib.augment(image, label, np.random.default_rng(0),
-                                 _only(noise_prob=1.0, noise_variance=(0.04, 0.04)))
+  out, out_lab = aug_lib.augment(
+    image, label, np.random.default_rng(0), _only(noise_prob=1.0, noise_variance=(0.04, 0.04))
+  )
   diff = (out - image).ravel()
   assert abs(diff.mean()) < 0.02 and abs(diff.std() - 0.2) < 0.02
   np.testing.assert_array_equal(out_lab, label)
@@ -133,8 +142,14 @@ def test_rotation_and_scaling_keep_label_values_and_shapes():
 
 
 def test_config_from_dict_and_validation():
-  base = {"flip_prob": 0.5, "scale_prob": 0.15, "shift_prob": 0.15, "noise_prob": 0.1,
-          "gamma_prob": 0.3, "gamma_range": [0.8, 1.2]}
+  base = {
+    "flip_prob": 0.5,
+    "scale_prob": 0.15,
+    "shift_prob": 0.15,
+    "noise_prob": 0.1,
+    "gamma_prob": 0.3,
+    "gamma_range": [0.8, 1.2],
+  }
   cfg = AugmentConfig.from_dict(base)
   assert cfg.gamma_range == (0.8, 1.2) and cfg.shift_prob == 0.15
   hash(cfg)  # frozen and hashable, lists turned into tuples
@@ -144,5 +159,6 @@ def test_config_from_dict_and_validation():
   with pytest.raises(ValueError):
     AugmentConfig(flip_prob=1.5)
   none = AugmentConfig.none()
-  assert all(getattr(none, f.name) == 0 for f in dataclasses.fields(none)
-             if f.name.endswith("_prob"))
+  assert all(
+    getattr(none, f.name) == 0 for f in dataclasses.fields(none) if f.name.endswith("_prob")
+  )

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from vnet_jax import evaluate as ev
-from vnet_jax.data import DataError
+from vnet_jax.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 TOL = {c: 2.0 for c in range(1, 15)}
@@ -21,7 +21,7 @@ TOL = {c: 2.0 for c in range(1, 15)}
 
 def cube(shape=(10, 10, 10), lo=(3, 3, 3), size=4, label=1, dtype=np.uint8):
   a = np.zeros(shape, dtype)
-  a[lo[0]:lo[0] + size, lo[1]:lo[1] + size, lo[2]:lo[2] + size] = label
+  a[lo[0] : lo[0] + size, lo[1] : lo[1] + size, lo[2] : lo[2] + size] = label
   return a
 
 
@@ -34,6 +34,7 @@ def save(path, arr, affine=None, spacing=(1.0, 1.0, 1.0)):
 
 
 # ---------------------------------------------------------------------------- evaluate_case rules
+
 
 def test_absent_from_both_scores_one():
   ref = cube(label=1)
@@ -99,8 +100,8 @@ def tube(z_lo, z_hi, label, shape=(8, 8, 12), axis=2):
 
 @pytest.mark.parametrize("c", [5, 6, 10])
 def test_slice_rule_vessels_not_penalised_outside_labelled_slices(c):
-  ref = tube(4, 8, c)     # labelled on slices 4..7
-  pred = tube(0, 12, c)   # predicted on every slice
+  ref = tube(4, 8, c)  # labelled on slices 4..7
+  pred = tube(0, 12, c)  # predicted on every slice
   s = ev.evaluate_case(pred, ref, (1, 1, 1), [c], TOL)[c]
   assert s == {"dice": 1.0, "nsd": 1.0, "hd95": 0.0}
 
@@ -119,7 +120,7 @@ def test_slice_rule_still_penalises_missing_labelled_slices_and_off_range_only()
   partial = tube(6, 12, 5)  # covers labelled slices 6, 7 only
   s = ev.evaluate_case(partial, ref, (1, 1, 1), [5], TOL)[5]
   assert s["dice"] == pytest.approx(2 * 8 / (16 + 8))
-  off = tube(9, 12, 5)      # only on unlabelled slices: nothing left to score
+  off = tube(9, 12, 5)  # only on unlabelled slices: nothing left to score
   s = ev.evaluate_case(off, ref, (1, 1, 1), [5], TOL)[5]
   assert s["dice"] == 0.0 and s["nsd"] == 0.0 and math.isnan(s["hd95"])
 
@@ -128,8 +129,9 @@ def test_slice_axis_argument():
   ref = tube(4, 8, 5, axis=0, shape=(12, 8, 8))
   pred = tube(0, 12, 5, axis=0, shape=(12, 8, 8))
   assert ev.evaluate_case(pred, ref, (1, 1, 1), [5], TOL, slice_axis=0)[5]["dice"] == 1.0
-  assert ev.evaluate_case(pred, ref, (1, 1, 1), [5], TOL, slice_axis=2)[5]["dice"] == \
-      pytest.approx(2 * 16 / (16 + 48))
+  assert ev.evaluate_case(pred, ref, (1, 1, 1), [5], TOL, slice_axis=2)[5]["dice"] == pytest.approx(
+    2 * 16 / (16 + 48)
+  )
 
 
 def test_axial_axis_from_affine():
@@ -138,15 +140,18 @@ def test_axial_axis_from_affine():
   permuted = np.array([[0, 0, 0.8, 0], [0, 0.8, 0, 0], [2.5, 0, 0, 0], [0, 0, 0, 1.0]])
   assert ev.axial_axis(permuted) == 0
   t = np.deg2rad(20)  # oblique: 20 degrees about the x axis, axis 1 still closest to S
-  oblique = np.array([[1, 0, 0, 0], [0, np.sin(t), np.cos(t), 0], [0, np.cos(t), -np.sin(t), 0],
-                      [0, 0, 0, 1.0]])
+  oblique = np.array(
+    [[1, 0, 0, 0], [0, np.sin(t), np.cos(t), 0], [0, np.cos(t), -np.sin(t), 0], [0, 0, 0, 1.0]]
+  )
   assert ev.axial_axis(oblique) == 1
 
 
 def test_evaluate_case_matches_uncropped_surface_distance():
   # The per-class crop must not change any value the package gives on the full volumes.
-  import surface_distance as sd
   import warnings
+
+  import surface_distance as sd
+
   rng = np.random.default_rng(0)
   ref = np.zeros((20, 18, 16), np.uint8)
   pred = np.zeros_like(ref)
@@ -168,6 +173,7 @@ def test_evaluate_case_matches_uncropped_surface_distance():
 
 
 # ---------------------------------------------------------------------------- evaluate_folder
+
 
 def make_folder(tmp_path, cases, ref_name="ref", spacing=(1.0, 1.0, 1.0), affine=None):
   """cases: {case_id: (pred, ref)}; returns (pred_dir, ref_dir)."""
@@ -204,9 +210,11 @@ def test_evaluate_folder_structure_means_and_csv(tmp_path):
   # hd95 of a prediction-only class is NaN and skipped by the mean.
   assert summary["per_class"]["aorta"]["hd95"] == pytest.approx(exp_a[2]["hd95"])
   assert summary["mean_dice"] == pytest.approx(
-      np.mean([summary["per_class"][n]["dice"] for n in ("liver", "aorta")]))
+    np.mean([summary["per_class"][n]["dice"] for n in ("liver", "aorta")])
+  )
   assert summary["mean_nsd"] == pytest.approx(
-      np.mean([summary["per_class"][n]["nsd"] for n in ("liver", "aorta")]))
+    np.mean([summary["per_class"][n]["nsd"] for n in ("liver", "aorta")])
+  )
 
   path_json, path_csv = ev.write_summary(summary, tmp_path / "out" / "summary.json")
   assert path_csv == tmp_path / "out" / "summary.csv"
@@ -216,7 +224,11 @@ def test_evaluate_folder_structure_means_and_csv(tmp_path):
   assert loaded["mean_dice"] == pytest.approx(summary["mean_dice"])
   rows = list(csv.DictReader(path_csv.open()))
   assert [(r["case"], r["class"]) for r in rows] == [
-      ("case_a", "liver"), ("case_a", "aorta"), ("case_b", "liver"), ("case_b", "aorta")]
+    ("case_a", "liver"),
+    ("case_a", "aorta"),
+    ("case_b", "liver"),
+    ("case_b", "aorta"),
+  ]
   assert float(rows[0]["dice"]) == pytest.approx(exp_a[1]["dice"])
   assert math.isnan(float(rows[3]["hd95"]))
 
@@ -251,8 +263,9 @@ def test_class_names_dataset_json_flare22_and_ids(tmp_path):
   # nnU-Net layout: dataset.json beside labelsTr is read automatically.
   root = tmp_path / "Dataset001"
   pred_dir, ref_dir = make_folder(root, {"x_001": (pred, ref)}, ref_name="labelsTr")
-  (root / "dataset.json").write_text(json.dumps(
-      {"labels": {"background": 0, "liver": 1, "spleen": 3}, "file_ending": ".nii.gz"}))
+  (root / "dataset.json").write_text(
+    json.dumps({"labels": {"background": 0, "liver": 1, "spleen": 3}, "file_ending": ".nii.gz"})
+  )
   s = ev.evaluate_folder(pred_dir, ref_dir)
   assert list(s["per_class"]) == ["liver", "spleen"]
   assert s["per_class"]["liver"]["dice"] == 1.0  # absent from both
@@ -260,8 +273,9 @@ def test_class_names_dataset_json_flare22_and_ids(tmp_path):
   v1 = tmp_path / "v1.json"
   v1.write_text(json.dumps({"labels": {"0": "background", "3": "milz"}}))
   assert ev.class_names_from_dataset_json(v1) == {3: "milz"}
-  assert list(ev.evaluate_folder(pred_dir, ref_dir, ev.class_names_from_dataset_json(v1))
-              ["per_class"]) == ["milz"]
+  assert list(
+    ev.evaluate_folder(pred_dir, ref_dir, ev.class_names_from_dataset_json(v1))["per_class"]
+  ) == ["milz"]
   # FLARE22Train layout (labels/ beside images/): the FLARE22 table, all 13 organs.
   flare = tmp_path / "FLARE22Train"
   (flare / "images").mkdir(parents=True)
@@ -312,6 +326,7 @@ def test_folder_errors_name_the_file(tmp_path):
 
 # ---------------------------------------------------------------------------- cross-validation
 
+
 def test_cross_validation_summary(tmp_path):
   rng = np.random.default_rng(1)
   exp = tmp_path / "runs" / "exp"
@@ -320,8 +335,10 @@ def test_cross_validation_summary(tmp_path):
   hd = rng.uniform(1, 9, (3, 2))
   hd[1, 0] = np.nan
   for k in range(3):
-    per_class = {n: {"dice": dice[k, i], "nsd": nsd[k, i], "hd95": hd[k, i]}
-                 for i, n in enumerate(["liver", "spleen"])}
+    per_class = {
+      n: {"dice": dice[k, i], "nsd": nsd[k, i], "hd95": hd[k, i]}
+      for i, n in enumerate(["liver", "spleen"])
+    }
     summary = ev.summarize({"c": per_class})
     ev.write_summary(summary, exp / f"fold{k}" / "eval" / "summary.json")
   cv = ev.cross_validation_summary(exp)
@@ -351,9 +368,15 @@ def test_cross_validation_summary(tmp_path):
 
 # ---------------------------------------------------------------------------- command line
 
+
 def _cli(*args):
-  return subprocess.run([sys.executable, "-m", "vnet_jax.evaluate", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-m", "vnet_jax.evaluate", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 @pytest.mark.slow

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from vnet_jax.data import DataError
 from vnet_jax.data import folds
+from vnet_jax.errors import DataError
 
 IDS = [f"case_{i:03d}" for i in range(23)]
 
@@ -58,13 +58,16 @@ def test_load_or_create_writes_then_respects_user_file(tmp_path):
   assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temporary file
 
 
-@pytest.mark.parametrize("content, reason", [
+@pytest.mark.parametrize(
+  "content, reason",
+  [
     ([{"train": ["case_000", "ghost"], "val": ["case_001"]}], "unknown case ids"),
     ([{"train": ["case_000"], "val": ["case_001"]}] * 3, "holds 3 folds but num_folds is 2"),
     ([{"train": ["case_000"], "val": ["case_000"]}] * 2, "both train and val"),
     ({"train": []}, "non-empty list"),
     ([{"training": ["case_000"]}] * 2, "fold 0 is not"),
-])
+  ],
+)
 def test_bad_user_splits(tmp_path, content, reason):
   path = tmp_path / "splits_final.json"
   path.write_text(json.dumps(content))

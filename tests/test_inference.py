@@ -1,4 +1,5 @@
-"""Sliding-window inference against float64 NumPy references built from per-window forward passes."""
+"""Sliding-window inference against float64 NumPy references built from per-window forward
+passes."""
 
 import itertools
 import os
@@ -74,6 +75,7 @@ def naive_sliding(apply_fn, variables, volume, window, overlap, tta=False):
 
 # ------------------------------------------------------------------------------- Gaussian map
 
+
 def test_gaussian_importance_map():
   window = (9, 17, 25)
   g = inference.gaussian_importance_map(window)
@@ -81,7 +83,9 @@ def test_gaussian_importance_map():
   assert g.max() == 1.0 and g[4, 8, 12] == 1.0
   assert np.all(g > 0)
   # corners keep their relative weight (no 3D clamp): exp(-8) per axis at sigma = size / 8
-  np.testing.assert_allclose(g[0, 0, 0], np.exp(-0.5 * 16 * sum(((s - 1) / s) ** 2 for s in window)), rtol=1e-5)
+  np.testing.assert_allclose(
+    g[0, 0, 0], np.exp(-0.5 * 16 * sum(((s - 1) / s) ** 2 for s in window)), rtol=1e-5
+  )
   for axes in [(0,), (1,), (2,), (0, 1, 2)]:
     np.testing.assert_array_equal(g, np.flip(g, axes))
   # sigma = size / 8 per axis, checked along each axis through the centre
@@ -99,15 +103,27 @@ def test_gaussian_importance_map():
 
 # ------------------------------------------------------------------------------ window starts
 
-@pytest.mark.parametrize("size,window,overlap", [(8, 8, 0.5), (9, 8, 0.5), (21, 8, 0.5), (300, 64, 0.5),
-                                                 (512, 128, 0.5), (100, 64, 0.25), (37, 5, 0.0), (50, 7, 0.8)])
+
+@pytest.mark.parametrize(
+  "size,window,overlap",
+  [
+    (8, 8, 0.5),
+    (9, 8, 0.5),
+    (21, 8, 0.5),
+    (300, 64, 0.5),
+    (512, 128, 0.5),
+    (100, 64, 0.25),
+    (37, 5, 0.0),
+    (50, 7, 0.8),
+  ],
+)
 def test_axis_starts_cover_and_step(size, window, overlap):
   starts = inference.axis_starts(size, window, overlap)
   assert starts[0] == 0 and starts[-1] == size - window
   assert starts == sorted(set(starts))
   covered = np.zeros(size, bool)
   for s in starts:
-    covered[s:s + window] = True
+    covered[s : s + window] = True
   assert covered.all()
   steps = np.diff(starts)
   target = window * (1 - overlap)
@@ -127,6 +143,7 @@ def test_window_starts_nnunet_values_and_order():
 
 
 # ------------------------------------------------------------------------------ predictions
+
 
 def test_single_window_equals_full_forward():
   apply_fn, variables = make_model(kernel=3)
@@ -189,12 +206,17 @@ def test_volume_smaller_than_window_is_padded_centred_and_cropped():
   np.testing.assert_allclose(out, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("overlap,tta,per_device", [(0.5, False, 3), (0.25, False, 1), (0.5, True, 2)])
+@pytest.mark.parametrize(
+  "overlap,tta,per_device", [(0.5, False, 3), (0.25, False, 1), (0.5, True, 2)]
+)
 def test_slab_accumulation_equals_naive_full_accumulation(overlap, tta, per_device):
   apply_fn, variables = make_model(kernel=3)
-  vol = random_volume((21, 13, 10))  # uneven D steps (0, 3, 6, 10, 13 at 0.5) and a padded last group
-  pred = inference.SlidingWindowPredictor(apply_fn, variables, WINDOW, 3, overlap=overlap, tta=tta,
-                                          windows_per_device=per_device)
+  vol = random_volume(
+    (21, 13, 10)
+  )  # uneven D steps (0, 3, 6, 10, 13 at 0.5) and a padded last group
+  pred = inference.SlidingWindowPredictor(
+    apply_fn, variables, WINDOW, 3, overlap=overlap, tta=tta, windows_per_device=per_device
+  )
   ref = naive_sliding(apply_fn, variables, vol, WINDOW, overlap, tta)
   np.testing.assert_allclose(pred.predict_probabilities(vol, dtype=np.float32), ref, atol=1e-5)
   labels = pred.predict_labels(vol)
@@ -207,14 +229,18 @@ def test_tta_symmetric_model_equals_plain():
   apply_fn, variables = make_model(kernel=1)
   vol = random_volume((12, 9, 8))
   plain = inference.sliding_window_inference(apply_fn, variables, vol, WINDOW, 3, dtype=np.float32)
-  tta = inference.sliding_window_inference(apply_fn, variables, vol, WINDOW, 3, tta=True, dtype=np.float32)
+  tta = inference.sliding_window_inference(
+    apply_fn, variables, vol, WINDOW, 3, tta=True, dtype=np.float32
+  )
   np.testing.assert_allclose(tta, plain, atol=2e-6)
 
 
 def test_tta_asymmetric_model_averages_flipped_predictions():
   apply_fn, variables = make_model(kernel=3)
   vol = random_volume(WINDOW)
-  out = inference.sliding_window_inference(apply_fn, variables, vol, WINDOW, 3, tta=True, dtype=np.float32)
+  out = inference.sliding_window_inference(
+    apply_fn, variables, vol, WINDOW, 3, tta=True, dtype=np.float32
+  )
   ref = window_probs64(apply_fn, variables, vol, tta=True)
   np.testing.assert_allclose(out, ref, atol=1e-5)
   # and it really differs from the plain prediction, or the test would prove nothing
@@ -229,7 +255,9 @@ def test_compiles_once_for_all_volume_sizes():
     traces.append(x.shape)  # Python side effect: runs only while tracing
     return apply_fn(v, x)
 
-  pred = inference.SlidingWindowPredictor(counting_apply, variables, WINDOW, 3, windows_per_device=2)
+  pred = inference.SlidingWindowPredictor(
+    counting_apply, variables, WINDOW, 3, windows_per_device=2
+  )
   for shape in [(8, 8, 8), (19, 11, 9), (5, 12, 3)]:
     pred.predict_labels(random_volume(shape))
   pred.predict_probabilities(random_volume((10, 10, 10)))
@@ -246,7 +274,7 @@ def test_rejects_bad_input():
 
 
 _TWO_DEVICE_SCRIPT = r"""
-import jax, numpy as np
+import functools, jax, numpy as np
 assert jax.local_device_count() == 2, jax.devices()
 sys_path = __import__("sys").path
 sys_path.insert(0, "tests")
@@ -255,19 +283,31 @@ from vnet_jax import inference
 apply_fn, variables = make_model(kernel=3)
 vol = random_volume((21, 13, 10))  # 10 windows: the last group of 2 x 3 is padded
 for tta in (False, True):
-  two = inference.SlidingWindowPredictor(apply_fn, variables, WINDOW, 3, tta=tta, windows_per_device=3)
-  one = inference.SlidingWindowPredictor(apply_fn, variables, WINDOW, 3, tta=tta, devices=jax.devices()[:1])
+  predictor = functools.partial(
+      inference.SlidingWindowPredictor, apply_fn, variables, WINDOW, 3, tta=tta)
+  two = predictor(windows_per_device=3)
+  one = predictor(devices=jax.devices()[:1])
   assert two.num_devices == 2 and one.num_devices == 1
-  np.testing.assert_allclose(two.predict_probabilities(vol, np.float32), one.predict_probabilities(vol, np.float32),
-                             atol=1e-6)
+  np.testing.assert_allclose(two.predict_probabilities(vol, np.float32),
+                             one.predict_probabilities(vol, np.float32), atol=1e-6)
   np.testing.assert_array_equal(two.predict_labels(vol), one.predict_labels(vol))
 print("OK")
 """
 
 
 def test_two_devices_match_one_device():
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    "JAX_PLATFORMS": "cpu",
+  }
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT], env=env, cwd=root, capture_output=True,
-                       text=True, timeout=300)
+  out = subprocess.run(
+    [sys.executable, "-c", _TWO_DEVICE_SCRIPT],
+    env=env,
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]

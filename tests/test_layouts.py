@@ -7,9 +7,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from vnet_jax.data import DataError
 from vnet_jax.data import layouts
 from vnet_jax.data.layouts import FLARE22_CLASSES, FLARE22_TOLERANCES_MM, discover_dataset
+from vnet_jax.errors import DataError
 
 
 def _nifti(path: Path, shape=(4, 5, 6), value=0, dtype=np.int16):
@@ -25,12 +25,16 @@ def _flare(root: Path, cases=("FLARE22_Tr_0001", "FLARE22_Tr_0002"), ending=".ni
   return root
 
 
-def _nnunet(root: Path, cases=("case_a", "case_b"), channels=("CT",), ending=".nii.gz",
-            labels=None):
+def _nnunet(
+  root: Path, cases=("case_a", "case_b"), channels=("CT",), ending=".nii.gz", labels=None
+):
   root.mkdir(parents=True, exist_ok=True)
-  spec = {"channel_names": {str(i): n for i, n in enumerate(channels)},
-          "labels": labels or {"background": 0, "liver": 1, "spleen": 2},
-          "numTraining": len(cases), "file_ending": ending}
+  spec = {
+    "channel_names": {str(i): n for i, n in enumerate(channels)},
+    "labels": labels or {"background": 0, "liver": 1, "spleen": 2},
+    "numTraining": len(cases),
+    "file_ending": ending,
+  }
   (root / "dataset.json").write_text(json.dumps(spec))
   for c in cases:
     for i in range(len(channels)):
@@ -62,8 +66,13 @@ def test_flare22_layout(tmp_path, ending):
 
 @pytest.mark.parametrize("ending", [".nii.gz", ".nii"])
 def test_nnunet_layout_multichannel(tmp_path, ending):
-  root = _nnunet(tmp_path / "Dataset001", cases=("b", "a", "c"), channels=("T2", "ADC"),
-                 ending=ending, labels={"background": 0, "prostate": 1, "zone": 3})
+  root = _nnunet(
+    tmp_path / "Dataset001",
+    cases=("b", "a", "c"),
+    channels=("T2", "ADC"),
+    ending=ending,
+    labels={"background": 0, "prostate": 1, "zone": 3},
+  )
   ds = discover_dataset(root)
   assert ds.layout == layouts.NNUNET_V2
   assert ds.case_ids == ("a", "b", "c")
@@ -129,16 +138,25 @@ def test_channel_beyond_dataset_json(tmp_path):
   assert "case_a_0001.nii.gz" in str(e.value)
 
 
-@pytest.mark.parametrize("text, reason", [
+@pytest.mark.parametrize(
+  "text, reason",
+  [
     ("{not json", "invalid JSON"),
     (json.dumps({"labels": {"background": 0}}), "channel_names"),
     (json.dumps({"channel_names": {"0": "CT"}, "labels": {"liver": 1}}), "background"),
-    (json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "r": [1, 2]}}),
-     "integer labels"),
+    (
+      json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0, "r": [1, 2]}}),
+      "integer labels",
+    ),
     (json.dumps({"channel_names": {"1": "CT"}, "labels": {"background": 0}}), "0..0"),
-    (json.dumps({"channel_names": {"0": "CT"}, "labels": {"background": 0},
-                 "file_ending": ".mha"}), "file_ending"),
-])
+    (
+      json.dumps(
+        {"channel_names": {"0": "CT"}, "labels": {"background": 0}, "file_ending": ".mha"}
+      ),
+      "file_ending",
+    ),
+  ],
+)
 def test_bad_dataset_json(tmp_path, text, reason):
   root = _nnunet(tmp_path / "d")
   (root / "dataset.json").write_text(text)

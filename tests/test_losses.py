@@ -43,9 +43,15 @@ def test_dice_matches_reference(shape, num_classes, empty):
   rng = np.random.default_rng(0)
   p, g = _random_case(rng, shape, num_classes, empty)
   w = rng.uniform(0.1, 30, num_classes)
-  np.testing.assert_allclose(losses.dice_loss(jnp.asarray(p, jnp.float32), jnp.asarray(g)), ref_dice(p, g), rtol=1e-5)
-  np.testing.assert_allclose(losses.dice_loss(jnp.asarray(p, jnp.float32), jnp.asarray(g), w), ref_dice(p, g, w),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    losses.dice_loss(jnp.asarray(p, jnp.float32), jnp.asarray(g)), ref_dice(p, g), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    losses.dice_loss(jnp.asarray(p, jnp.float32), jnp.asarray(g), w),
+    ref_dice(p, g, w),
+    rtol=1e-5,
+    atol=1e-5,
+  )
 
 
 def test_seed_weights_can_make_dice_negative_as_in_seed():
@@ -58,10 +64,14 @@ def test_seed_weights_can_make_dice_negative_as_in_seed():
 @pytest.mark.parametrize("shape,num_classes,empty", CASES)
 def test_focal_matches_reference(shape, num_classes, empty):
   p, g = _random_case(np.random.default_rng(2), shape, num_classes, empty)
-  np.testing.assert_allclose(losses.focal_loss(jnp.asarray(p, jnp.float32), jnp.asarray(g)), ref_focal(p, g),
-                             rtol=1e-5)
-  np.testing.assert_allclose(losses.focal_loss(jnp.asarray(p, jnp.float32), jnp.asarray(g), alpha=0.5, gamma=0.0),
-                             ref_focal(p, g, 0.5, 0.0), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.focal_loss(jnp.asarray(p, jnp.float32), jnp.asarray(g)), ref_focal(p, g), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    losses.focal_loss(jnp.asarray(p, jnp.float32), jnp.asarray(g), alpha=0.5, gamma=0.0),
+    ref_focal(p, g, 0.5, 0.0),
+    rtol=1e-5,
+  )
 
 
 def test_focal_gradient_and_all_zero_rows_match_reference():
@@ -70,10 +80,13 @@ def test_focal_gradient_and_all_zero_rows_match_reference():
   alpha, gamma = 0.25, 2.0
   got = jax.grad(losses.focal_loss)(jnp.asarray(p, jnp.float32), jnp.asarray(g, jnp.float32))
   q = np.clip(p, 1e-7, 1 - 1e-7)
-  expected = g * (alpha * gamma * (1 - q) ** (gamma - 1) * np.log(q) - alpha * (1 - q) ** gamma / q) / g.size
+  expected = (
+    g * (alpha * gamma * (1 - q) ** (gamma - 1) * np.log(q) - alpha * (1 - q) ** gamma / q) / g.size
+  )
   np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
-  np.testing.assert_allclose(losses.focal_loss(jnp.asarray(p, jnp.float32), jnp.asarray(g)), ref_focal(p, g),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.focal_loss(jnp.asarray(p, jnp.float32), jnp.asarray(g)), ref_focal(p, g), rtol=1e-5
+  )
 
 
 def test_total_is_dice_plus_weighted_focal():
@@ -113,7 +126,9 @@ def test_softmax_and_its_gradient_match_float64_reference():
   np.testing.assert_allclose(probs, p, rtol=1e-5, atol=1e-7)
   # d softmax^T r = p * (r - sum_c p_c r_c)
   grad_ref = p * (cotangent - (p * cotangent).sum(-1, keepdims=True))
-  np.testing.assert_allclose(vjp(jnp.asarray(cotangent, jnp.float32))[0], grad_ref, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    vjp(jnp.asarray(cotangent, jnp.float32))[0], grad_ref, rtol=1e-4, atol=1e-6
+  )
 
 
 def test_gradients_match_finite_differences():
@@ -126,7 +141,9 @@ def test_gradients_match_finite_differences():
     p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
     return ref_dice(p, g, w) + ref_focal(p, g)
 
-  grad = jax.grad(lambda z: losses.total_loss(losses.softmax(z), jnp.asarray(g), w))(jnp.asarray(logits, jnp.float32))
+  grad = jax.grad(lambda z: losses.total_loss(losses.softmax(z), jnp.asarray(g), w))(
+    jnp.asarray(logits, jnp.float32)
+  )
   eps = 1e-5
   for idx in [(0, 0, 0, 0, 0), (0, 1, 2, 0, 1), (0, 2, 2, 2, 2), (0, 1, 0, 2, 1)]:
     step = np.zeros_like(logits)
@@ -143,11 +160,14 @@ rng = np.random.default_rng(0)
 z = jnp.asarray(rng.normal(size=(4, 4, 4, 4, 3)), jnp.float32)
 g = jax.nn.one_hot(rng.integers(0, 3, (4, 4, 4, 4)), 3)
 w = jnp.asarray(rng.normal(size=(3,)), jnp.float32)
-loss = lambda w, z, g, axis=None: losses.total_loss(losses.softmax(z * w), g, [1., 2., 3.], axis_name=axis)
+def loss(w, z, g, axis=None):
+  p = losses.softmax(z * w)
+  return losses.dice_loss(p, g, [1., 2., 3.], axis_name=axis) + losses.focal_loss(p, g)
 def step(w, z, g):
   value, grad = jax.value_and_grad(lambda w: loss(w, z, g, "d"))(w)
   return jax.lax.pmean(value, "d"), jax.lax.pmean(grad, "d")
-value, grad = jax.pmap(step, axis_name="d", in_axes=(None, 0, 0))(w, z.reshape(2, 2, 4, 4, 4, 3), g.reshape(2, 2, 4, 4, 4, 3))
+p_step = jax.pmap(step, axis_name="d", in_axes=(None, 0, 0))
+value, grad = p_step(w, z.reshape(2, 2, 4, 4, 4, 3), g.reshape(2, 2, 4, 4, 4, 3))
 np.testing.assert_allclose(value, loss(w, z, g), rtol=1e-5)
 np.testing.assert_allclose(grad[0], jax.grad(loss)(w, z, g), rtol=1e-4, atol=1e-7)
 print("OK")
@@ -158,7 +178,13 @@ def test_dice_over_devices_equals_dice_of_the_global_batch():
   import os
   import subprocess
   import sys
-  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-c", _TWO_DEVICE_SCRIPT], env=env, capture_output=True, text=True,
-                       timeout=300)
+
+  env = {
+    **os.environ,
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    "JAX_PLATFORMS": "cpu",
+  }
+  out = subprocess.run(
+    [sys.executable, "-c", _TWO_DEVICE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
+  )
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-2000:]

@@ -36,8 +36,9 @@ def test_accuracy_and_iou_score(shape, c):
   p = _probs(rng, shape, c)
   labels = rng.integers(0, c, shape)
   g = np.eye(c)[labels]
-  np.testing.assert_allclose(metrics.accuracy(jnp.asarray(p), jnp.asarray(g)), np.mean(p.argmax(-1) == labels),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    metrics.accuracy(jnp.asarray(p), jnp.asarray(g)), np.mean(p.argmax(-1) == labels), rtol=1e-6
+  )
   pb = (p > 0.5).astype(np.float64)
   axes = (0, 1, 2, 3)
   tp = (pb * g).sum(axes)
@@ -59,17 +60,23 @@ def test_confusion_matrix_and_mean_iou(c):
   true = rng.integers(0, c, (2, 5, 5, 5))
   pred = np.where(rng.random(true.shape) < 0.6, true, rng.integers(0, c, true.shape))
   true[true == c - 1] = 0  # one class absent from the reference
-  np.testing.assert_array_equal(metrics.confusion_matrix(jnp.asarray(pred), jnp.asarray(true), c),
-                                ref_confusion(pred, true, c))
-  np.testing.assert_allclose(metrics.mean_iou(jnp.asarray(pred), jnp.asarray(true), c),
-                             ref_mean_iou(pred, true, c), rtol=1e-6)
+  np.testing.assert_array_equal(
+    metrics.confusion_matrix(jnp.asarray(pred), jnp.asarray(true), c), ref_confusion(pred, true, c)
+  )
+  np.testing.assert_allclose(
+    metrics.mean_iou(jnp.asarray(pred), jnp.asarray(true), c),
+    ref_mean_iou(pred, true, c),
+    rtol=1e-6,
+  )
 
 
 def test_mean_iou_skips_classes_absent_from_both():
   true = np.array([0, 0, 1, 1])
   pred = np.array([0, 1, 1, 1])
   # class 2 never appears: Keras leaves it out, so the mean is over classes 0 and 1 only.
-  np.testing.assert_allclose(metrics.mean_iou(jnp.asarray(pred), jnp.asarray(true), 3), (1 / 2 + 2 / 3) / 2)
+  np.testing.assert_allclose(
+    metrics.mean_iou(jnp.asarray(pred), jnp.asarray(true), 3), (1 / 2 + 2 / 3) / 2
+  )
 
 
 def test_dice_per_class():

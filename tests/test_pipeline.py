@@ -13,9 +13,9 @@ import pytest
 from absl import flags
 from scipy import ndimage
 
-from vnet_jax.data import DataError
 from vnet_jax.data import pipeline
 from vnet_jax.data.augment import AugmentConfig
+from vnet_jax.errors import DataError
 
 PATCH = (16, 16, 16)
 BORDER = PATCH[0] // 2  # labels stay this far from the border: fg patches are exactly centred
@@ -91,8 +91,15 @@ def test_spatial_augmentation_in_pipeline(cache):
 def test_float16_multichannel_cache(tmp_path):
   rng = np.random.default_rng(1)
   _write_case(tmp_path, "a", (20, 20, 20), rng, dtype=np.float16, channels=2)
-  ds = pipeline.make_train_dataset(tmp_path, ["a"], patch_size=PATCH, per_device_batch=1,
-                                   num_local_devices=1, seed=0, aug=AugmentConfig.none())
+  ds = pipeline.make_train_dataset(
+    tmp_path,
+    ["a"],
+    patch_size=PATCH,
+    per_device_batch=1,
+    num_local_devices=1,
+    seed=0,
+    aug=AugmentConfig.none(),
+  )
   (b,) = _batches(ds, 1)
   assert b["image"].shape == (1, 1) + PATCH + (2,) and b["image"].dtype == np.float32
   np.testing.assert_allclose(b["image"][..., 1] - b["image"][..., 0], 1.0, atol=1e-2)
@@ -103,8 +110,9 @@ def test_small_volume_is_padded(tmp_path):
   image, label = _write_case(tmp_path, "small", (10, 12, 40), rng, border=0)
   image += 100.0  # every real voxel is far from the padding value 0
   np.save(tmp_path / "cases" / "small" / "image.npy", image)
-  ds = pipeline.make_patch_dataset(tmp_path, ["small"], patch_size=PATCH, seed=3,
-                                   aug=AugmentConfig.none())
+  ds = pipeline.make_patch_dataset(
+    tmp_path, ["small"], patch_size=PATCH, seed=3, aug=AugmentConfig.none()
+  )
   for g in range(6):
     p = ds[g]
     real = p["image"][..., 0] != 0
@@ -114,10 +122,13 @@ def test_small_volume_is_padded(tmp_path):
     assert real[box].all() and real.sum() == 10 * 12 * 16
     assert (p["label"][~real] == 0).all()
     # The real region is the whole volume along D and H and a window along W.
-    w0 = [w for w in range(40 - 16 + 1)
-          if np.array_equal(p["image"][box][..., 0], image[:, :, w:w + 16, 0])]
+    w0 = [
+      w
+      for w in range(40 - 16 + 1)
+      if np.array_equal(p["image"][box][..., 0], image[:, :, w : w + 16, 0])
+    ]
     assert len(w0) == 1
-    np.testing.assert_array_equal(p["label"][box], label[:, :, w0[0]:w0[0] + 16])
+    np.testing.assert_array_equal(p["label"][box], label[:, :, w0[0] : w0[0] + 16])
 
 
 def test_foreground_oversampling(cache):
@@ -125,8 +136,9 @@ def test_foreground_oversampling(cache):
   centre = tuple(p // 2 for p in PATCH)
 
   def centre_classes(fraction, n=60):
-    ds = pipeline.make_patch_dataset(root, ids, patch_size=PATCH, seed=11,
-                                     aug=AugmentConfig.none(), foreground_fraction=fraction)
+    ds = pipeline.make_patch_dataset(
+      root, ids, patch_size=PATCH, seed=11, aug=AugmentConfig.none(), foreground_fraction=fraction
+    )
     return [int(ds[g]["label"][centre]) for g in range(n)]
 
   with_fg = centre_classes(1 / 3)
@@ -145,8 +157,9 @@ def test_forced_patch_near_border_contains_the_voxel(tmp_path):
   label[:] = 0
   label[0, 23, 1] = 2  # a single corner voxel
   np.save(tmp_path / "cases" / "b" / "label.npy", label)
-  ds = pipeline.make_patch_dataset(tmp_path, ["b"], patch_size=PATCH, seed=0,
-                                   aug=AugmentConfig.none(), foreground_fraction=1.0)
+  ds = pipeline.make_patch_dataset(
+    tmp_path, ["b"], patch_size=PATCH, seed=0, aug=AugmentConfig.none(), foreground_fraction=1.0
+  )
   for g in range(3):
     assert (ds[g]["label"] == 2).sum() == 1
 
@@ -163,8 +176,12 @@ def test_determinism_and_seeds(cache):
 
 def test_process_sharding_union_equals_single_process(cache):
   single = _batches(_make(cache, num_local_devices=4, per_device_batch=1), 3)
-  shards = [_batches(_make(cache, num_local_devices=2, per_device_batch=1, process_index=p,
-                           process_count=2), 3) for p in range(2)]
+  shards = [
+    _batches(
+      _make(cache, num_local_devices=2, per_device_batch=1, process_index=p, process_count=2), 3
+    )
+    for p in range(2)
+  ]
   for step in range(3):
     for key in ("image", "label"):
       union = np.concatenate([shards[p][step][key] for p in range(2)], axis=0)
@@ -212,20 +229,29 @@ def test_orbax_checkpoint_manager_round_trip(cache, tmp_path):
   for _ in range(3):
     next(it)
   options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-  with ocp.CheckpointManager(tmp_path / "ckpt", options=options,
-                             item_names=("state", "data_iter")) as mngr:
-    mngr.save(3, args=ocp.args.Composite(
+  with ocp.CheckpointManager(
+    tmp_path / "ckpt", options=options, item_names=("state", "data_iter")
+  ) as mngr:
+    mngr.save(
+      3,
+      args=ocp.args.Composite(
         state=ocp.args.StandardSave({"w": np.arange(3.0)}),
-        data_iter=pipeline.checkpoint_save_args(it)))
+        data_iter=pipeline.checkpoint_save_args(it),
+      ),
+    )
     mngr.wait_until_finished()
     expected = [{k: np.array(v) for k, v in next(it).items()} for _ in range(2)]
     it.close()
 
     fresh = iter(_make(cache))
     try:
-      restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+      restored = mngr.restore(
+        mngr.latest_step(),
+        args=ocp.args.Composite(
           state=ocp.args.StandardRestore({"w": np.zeros(3)}),
-          data_iter=pipeline.checkpoint_restore_args(fresh)))
+          data_iter=pipeline.checkpoint_restore_args(fresh),
+        ),
+      )
       assert restored["data_iter"] is fresh and fresh.get_state() == {"next_batch": 3}
       np.testing.assert_array_equal(restored["state"]["w"], np.arange(3.0))
       got = [{k: np.array(v) for k, v in next(fresh).items()} for _ in range(2)]
@@ -256,23 +282,39 @@ def test_epoch_shuffle_visits_every_case_once_per_epoch():
   epochs = [[ds[e * 5 + i] for i in range(5)] for e in range(4)]
   assert all(sorted(e) == list(range(5)) for e in epochs)
   assert len({tuple(e) for e in epochs}) > 1
-  assert [ds[i] for i in range(10)] == [pipeline.EpochShuffle(grain.MapDataset.range(5), 3)[i]
-                                        for i in range(10)]
+  assert [ds[i] for i in range(10)] == [
+    pipeline.EpochShuffle(grain.MapDataset.range(5), 3)[i] for i in range(10)
+  ]
 
 
 def test_is_foreground_patch_fraction():
   for f in (0.0, 1 / 3, 0.5, 0.25, 1.0):
     n = sum(pipeline.is_foreground_patch(g, f) for g in range(1200))
     assert n == round(1200 * f)
-  assert list(itertools.islice((g for g in range(100) if pipeline.is_foreground_patch(g, 1 / 3)),
-                               3)) == [2, 5, 8]
+  assert list(
+    itertools.islice((g for g in range(100) if pipeline.is_foreground_patch(g, 1 / 3)), 3)
+  ) == [2, 5, 8]
 
 
 def test_bench_loader_prints_json_last():
   out = subprocess.run(
-      [sys.executable, "-m", "vnet_jax.bench", "loader", "--patch=16,16,16", "--volume=24,20,28",
-       "--cases=2", "--batches=4", "--warmup=1"],
-      capture_output=True, text=True, check=True, cwd=Path(__file__).parent.parent, timeout=120)
+    [
+      sys.executable,
+      "-m",
+      "vnet_jax.bench",
+      "loader",
+      "--patch=16,16,16",
+      "--volume=24,20,28",
+      "--cases=2",
+      "--batches=4",
+      "--warmup=1",
+    ],
+    capture_output=True,
+    text=True,
+    check=True,
+    cwd=Path(__file__).parent.parent,
+    timeout=120,
+  )
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["patch"] == [16, 16, 16] and result["workers"] == 0
   assert result["patches_per_s"] > 0 and result["patches_per_s_per_worker"] > 0

@@ -1,4 +1,5 @@
-"""Prediction: original geometry and header kept, a perfect model round-trips, bad files are skipped."""
+"""Prediction: original geometry and header kept, a perfect model round-trips, bad files
+are skipped."""
 
 import os
 import shutil
@@ -12,7 +13,8 @@ import pytest
 
 from tests.conftest import make_tiny_config
 from vnet_jax import predict, train
-from vnet_jax.data import DataError, layouts, preprocess, synthetic
+from vnet_jax.data import layouts, preprocess, synthetic
+from vnet_jax.errors import DataError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,12 +26,16 @@ def trained_run(tmp_path_factory, tiny_dataset):
   return work / "w"
 
 
-def test_predictions_have_the_input_shape_affine_and_header_codes(trained_run, tiny_dataset, tmp_path):
-  errors = predict.predict_path(trained_run, tiny_dataset / "images", tmp_path / "out", which="latest")
+def test_predictions_have_the_input_shape_affine_and_header_codes(
+  trained_run, tiny_dataset, tmp_path
+):
+  errors = predict.predict_path(
+    trained_run, tiny_dataset / "images", tmp_path / "out", which="latest"
+  )
   assert errors == []
   inputs = sorted((tiny_dataset / "images").glob("*.nii.gz"))
   for image_file in inputs:
-    case_id = image_file.name[:-len("_0000.nii.gz")]
+    case_id = image_file.name[: -len("_0000.nii.gz")]
     src, out = nib.load(image_file), nib.load(tmp_path / "out" / f"{case_id}.nii.gz")
     assert out.shape == src.shape
     assert out.get_data_dtype() == np.uint8
@@ -47,9 +53,12 @@ def test_a_perfect_model_returns_the_reference_exactly_in_original_geometry(tmp_
   data = tmp_path / "data"
   synthetic.write_dataset(data, 3, shape=(40, 36, 10), spacing=(0.8, 0.8, 3.0))
   dataset = layouts.discover_dataset(data)
-  cache = preprocess.prepare_dataset(dataset, preprocess.PreprocessSettings(), tmp_path / "cache", num_workers=0,
-                                     progress=False)
-  assert {nib.aff2axcodes(nib.load(c.label_file).affine) for c in dataset.cases} != {("R", "A", "S")}
+  cache = preprocess.prepare_dataset(
+    dataset, preprocess.PreprocessSettings(), tmp_path / "cache", num_workers=0, progress=False
+  )
+  assert {nib.aff2axcodes(nib.load(c.label_file).affine) for c in dataset.cases} != {
+    ("R", "A", "S")
+  }
   for case in dataset.cases:
     image, meta = preprocess.preprocess_image(case.image_files, cache.plan)
     _, label = cache.load_case(case.case_id)
@@ -60,7 +69,9 @@ def test_a_perfect_model_returns_the_reference_exactly_in_original_geometry(tmp_
     np.testing.assert_array_equal(restored, reference)
 
 
-def test_cli_reports_a_bad_file_on_one_line_and_predicts_the_others(trained_run, tiny_dataset, tmp_path):
+def test_cli_reports_a_bad_file_on_one_line_and_predicts_the_others(
+  trained_run, tiny_dataset, tmp_path
+):
   inputs = tmp_path / "in"
   inputs.mkdir()
   good = sorted((tiny_dataset / "images").glob("*.nii.gz"))[:2]
@@ -69,9 +80,22 @@ def test_cli_reports_a_bad_file_on_one_line_and_predicts_the_others(trained_run,
   bad = inputs / "broken_0000.nii.gz"
   bad.write_bytes(good[0].read_bytes()[:200])
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  out = subprocess.run([sys.executable, "-m", "vnet_jax.predict", f"--workdir={trained_run}", f"--input={inputs}",
-                        f"--output={tmp_path / 'out'}", "--checkpoint=latest"], env=env, capture_output=True,
-                       text=True, timeout=600, cwd=ROOT)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "vnet_jax.predict",
+      f"--workdir={trained_run}",
+      f"--input={inputs}",
+      f"--output={tmp_path / 'out'}",
+      "--checkpoint=latest",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
   assert out.returncode == 1
   error_lines = [line for line in out.stderr.splitlines() if "broken_0000.nii.gz" in line]
   assert len(error_lines) == 1 and "Traceback" not in out.stderr
@@ -82,6 +106,7 @@ def test_cli_reports_a_bad_file_on_one_line_and_predicts_the_others(trained_run,
 def test_unknown_workdir_or_checkpoint_is_a_clear_error(trained_run, tmp_path):
   with pytest.raises(DataError, match="config.json"):
     predict.Predictor(tmp_path)
-  from vnet_jax.checkpoint import CheckpointError
+  from vnet_jax.errors import CheckpointError
+
   with pytest.raises(CheckpointError, match="step 999"):
     predict.Predictor(trained_run, which="999")

@@ -14,17 +14,16 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from vnet_jax.data import DataError
 from vnet_jax.data import preprocess as pp
 from vnet_jax.data.layouts import discover_dataset
 from vnet_jax.data.preprocess import PreprocessSettings
+from vnet_jax.errors import DataError
 
 # Voxel axis 0 -> Left (-x), 0.9 mm; axis 1 -> Superior (+z), 3.0 mm; axis 2 -> Posterior (-y),
 # 1.1 mm: neither RAS nor (x, y, z) order, and anisotropic.
-AFFINE = np.array([[-0.9, 0, 0, 0.9 * 47 / 2],
-                   [0, 0, -1.1, 1.1 * 43 / 2],
-                   [0, 3.0, 0, -3.0 * 15 / 2],
-                   [0, 0, 0, 1]])
+AFFINE = np.array(
+  [[-0.9, 0, 0, 0.9 * 47 / 2], [0, 0, -1.1, 1.1 * 43 / 2], [0, 3.0, 0, -3.0 * 15 / 2], [0, 0, 0, 1]]
+)
 SHAPE = (48, 16, 44)
 # (z, y, x) mm: finer on every axis, so the round trip loses no information. (Coarser targets
 # lose up to a voxel at each boundary: Dice ~0.95 for these 15-30 voxel organs.)
@@ -39,8 +38,10 @@ def _world(affine, shape):
 def _synth(shift=(0.0, 0.0, 0.0), seed=0, nan=False):
   """A smooth CT-like case: a body (40 HU) in air, two ellipsoid organs (30 and 60 HU)."""
   w = _world(AFFINE, SHAPE) - np.asarray(shift)[:, None, None, None]
+
   def r(radii, centre=(0.0, 0.0, 0.0)):
     return np.sqrt(sum(((w[i] - centre[i]) / radii[i]) ** 2 for i in range(3)))
+
   label = np.zeros(SHAPE, np.uint8)
   label[r((8.0, 13.0, 16.0), (-9.0, 0.0, 0.0)) < 1] = 1
   label[r((7.0, 10.0, 15.0), (9.0, 2.0, 0.0)) < 1] = 2
@@ -70,9 +71,10 @@ def _make_case(root: Path, case_id: str, **kw):
 @pytest.fixture(scope="module")
 def flare_like(tmp_path_factory):
   root = tmp_path_factory.mktemp("flare") / "FLARE22Train"
-  cases = {f"FLARE22_Tr_{k:04d}": _make_case(root, f"FLARE22_Tr_{k:04d}", shift=(k, -k, 2 * k),
-                                             seed=k)
-           for k in range(3)}
+  cases = {
+    f"FLARE22_Tr_{k:04d}": _make_case(root, f"FLARE22_Tr_{k:04d}", shift=(k, -k, 2 * k), seed=k)
+    for k in range(3)
+  }
   return root, cases
 
 
@@ -80,8 +82,13 @@ def flare_like(tmp_path_factory):
 def prepared(flare_like, tmp_path_factory):
   root, cases = flare_like
   cache_root = tmp_path_factory.mktemp("cache")
-  cached = pp.prepare_dataset(discover_dataset(root), PreprocessSettings(target_spacing=TARGET),
-                              cache_root, num_workers=2, progress=False)
+  cached = pp.prepare_dataset(
+    discover_dataset(root),
+    PreprocessSettings(target_spacing=TARGET),
+    cache_root,
+    num_workers=2,
+    progress=False,
+  )
   return root, cases, cached
 
 
@@ -113,11 +120,16 @@ def test_ct_statistics_are_foreground_percentiles(prepared):
   assert norm["scheme"] == "ct"
   np.testing.assert_allclose(norm["clip"], np.percentile(fg, [0.5, 99.5]), rtol=1e-6)
   clipped = np.clip(fg, *norm["clip"])
-  np.testing.assert_allclose([norm["mean"], norm["std"]], [clipped.mean(), clipped.std()],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    [norm["mean"], norm["std"]], [clipped.mean(), clipped.std()], rtol=1e-6
+  )
   # applied: foreground of the cached image is ~zero-mean, unit-std
-  vals = np.concatenate([np.asarray(cached.load_case(c)[0])[..., 0][
-      np.asarray(cached.load_case(c)[1]) > 0] for c in cached.case_ids])
+  vals = np.concatenate(
+    [
+      np.asarray(cached.load_case(c)[0])[..., 0][np.asarray(cached.load_case(c)[1]) > 0]
+      for c in cached.case_ids
+    ]
+  )
   assert abs(vals.mean()) < 0.2 and 0.5 < vals.std() < 1.5
 
 
@@ -190,8 +202,18 @@ def test_resample_matches_scipy_zoom():
   lab = np.zeros((9, 10, 12), np.uint8)
   lab[2:6, 3:8, 1:5], lab[4:9, 1:4, 6:11], lab[5, 5, 5] = 1, 2, 3
   out = (13, 7, 17)
-  onehot = np.stack([ndimage.zoom((lab == c).astype(np.float32), np.divide(out, lab.shape),
-                                  order=1, grid_mode=True, mode="nearest") for c in range(4)])
+  onehot = np.stack(
+    [
+      ndimage.zoom(
+        (lab == c).astype(np.float32),
+        np.divide(out, lab.shape),
+        order=1,
+        grid_mode=True,
+        mode="nearest",
+      )
+      for c in range(4)
+    ]
+  )
   got = pp.resample_labels(lab, out)
   top = onehot.max(0)
   assert np.all(onehot[got, *np.indices(out)] >= top - 1e-5)  # got is an argmax
@@ -207,16 +229,25 @@ def test_cache_reused_and_settings_change_hash(flare_like, tmp_path):
   assert again.dir == first.dir
   assert {p: p.stat().st_mtime_ns for p in again.dir.rglob("*")} == stamps
   windowed = pp.prepare_dataset(
-      ds, PreprocessSettings(target_spacing=(3.0, 1.5, 1.5), ct_window=(-160, 240)), tmp_path,
-      num_workers=0, progress=False)
+    ds,
+    PreprocessSettings(target_spacing=(3.0, 1.5, 1.5), ct_window=(-160, 240)),
+    tmp_path,
+    num_workers=0,
+    progress=False,
+  )
   uncropped = pp.prepare_dataset(
-      ds, PreprocessSettings(target_spacing=(3.0, 1.5, 1.5), crop_to_nonzero=False), tmp_path,
-      num_workers=0, progress=False)
+    ds,
+    PreprocessSettings(target_spacing=(3.0, 1.5, 1.5), crop_to_nonzero=False),
+    tmp_path,
+    num_workers=0,
+    progress=False,
+  )
   assert len({first.dir, windowed.dir, uncropped.dir}) == 3
   # a coarser grid loses sub-voxel detail but maps back aligned
   original = np.asarray(nib.load(str(ds.cases[0].label_file)).dataobj)
-  back = pp.labels_to_original(np.asarray(first.load_case(ds.case_ids[0])[1]),
-                               first.load_meta(ds.case_ids[0]))
+  back = pp.labels_to_original(
+    np.asarray(first.load_case(ds.case_ids[0])[1]), first.load_meta(ds.case_ids[0])
+  )
   assert _dice(back == 1, original == 1) > 0.9 and _dice(back == 2, original == 2) > 0.9
   assert windowed.plan["normalization"][0]["clip"] == [-160.0, 240.0]
   meta = uncropped.load_meta(ds.case_ids[0])
@@ -248,12 +279,14 @@ def test_resume_after_interruption(flare_like, tmp_path, monkeypatch):
 
   # Interrupted in pass 2: one case finished, one staged, plus a dead run's half-written dir.
   real_worker, calls = pp._worker, []
+
   def dying_worker(task):
     if task[0] == "finish":
       calls.append(task[1].case_id)
       if len(calls) == 2:
         raise KeyboardInterrupt
     return real_worker(task)
+
   monkeypatch.setattr(pp, "_worker", dying_worker)
   with pytest.raises(KeyboardInterrupt):
     pp.prepare_dataset(ds, s, tmp_path / "c", num_workers=0, progress=False)
@@ -282,8 +315,9 @@ def test_resume_after_interruption(flare_like, tmp_path, monkeypatch):
   with pytest.raises(DataError, match="incomplete"):
     pp.open_cache(hdir)
   again = pp.prepare_dataset(ds, s, tmp_path / "c", num_workers=0, progress=False)
-  np.testing.assert_array_equal(again.load_case(ds.case_ids[1])[0],
-                                reference.load_case(ds.case_ids[1])[0])
+  np.testing.assert_array_equal(
+    again.load_case(ds.case_ids[1])[0], reference.load_case(ds.case_ids[1])[0]
+  )
   assert (hdir / "cases" / calls[0] / "image.npy").stat().st_mtime_ns == stamp
 
 
@@ -295,8 +329,13 @@ def test_bad_case_leaves_nothing_trusted(tmp_path, monkeypatch):
     _make_case(root, f"c{k}", seed=k, nan=(k == 1))
   cache_root = tmp_path / "cache"
   with pytest.raises(DataError) as e:
-    pp.prepare_dataset(discover_dataset(root), PreprocessSettings(target_spacing=(3.0, 1.5, 1.5)),
-                       cache_root, num_workers=2, progress=False)
+    pp.prepare_dataset(
+      discover_dataset(root),
+      PreprocessSettings(target_spacing=(3.0, 1.5, 1.5)),
+      cache_root,
+      num_workers=2,
+      progress=False,
+    )
   msg = str(e.value)
   assert msg.startswith(str(root / "images" / "c1_0000.nii.gz")) and "NaN" in msg
   assert not list(cache_root.rglob("plan.json"))
@@ -309,9 +348,15 @@ def test_bad_case_leaves_nothing_trusted(tmp_path, monkeypatch):
 def test_zscore_label_map_float16(tmp_path):
   root = tmp_path / "mr"
   root.mkdir()
-  (root / "dataset.json").write_text(json.dumps({
-      "channel_names": {"0": "T2"}, "labels": {"background": 0, "outer": 1, "inner": 2},
-      "file_ending": ".nii"}))
+  (root / "dataset.json").write_text(
+    json.dumps(
+      {
+        "channel_names": {"0": "T2"},
+        "labels": {"background": 0, "outer": 1, "inner": 2},
+        "file_ending": ".nii",
+      }
+    )
+  )
   originals = {}
   for k in range(2):
     image, label = _synth(seed=k)
@@ -332,8 +377,7 @@ def test_zscore_label_map_float16(tmp_path):
     # z-score statistics of the case's body (nonzero) voxels
     (stats,) = meta["case_normalization"]
     body = mr[mr != 0].astype(np.float64)
-    np.testing.assert_allclose([stats["mean"], stats["std"]], [body.mean(), body.std()],
-                               rtol=1e-5)
+    np.testing.assert_allclose([stats["mean"], stats["std"]], [body.mean(), body.std()], rtol=1e-5)
     # cropped to the body: each face of the crop box touches a body voxel
     assert meta["cropped_shape_zyx"] != meta["ras_shape_zyx"]
     full = np.zeros(meta["ras_shape_zyx"], bool)
@@ -354,8 +398,9 @@ def test_settings_validation():
     PreprocessSettings(image_dtype="int8")
   s = PreprocessSettings(target_spacing=[2, 1, 1], label_map=[[2, 1], [1, 1]])
   assert s.target_spacing == (2.0, 1.0, 1.0) and s.label_map == ((1, 1), (2, 1))
-  assert hash(s) == hash(PreprocessSettings(target_spacing=(2.0, 1.0, 1.0),
-                                            label_map=((1, 1), (2, 1))))
+  assert hash(s) == hash(
+    PreprocessSettings(target_spacing=(2.0, 1.0, 1.0), label_map=((1, 1), (2, 1)))
+  )
 
 
 def test_stale_tmp_cleanup_spares_live_and_foreign_runs(tmp_path):

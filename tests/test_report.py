@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from vnet_jax import report
-from vnet_jax.data import DataError
 from vnet_jax.data import preprocess as pp
 from vnet_jax.data import synthetic
+from vnet_jax.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 # Names with HTML metacharacters, to check the page escapes them.
@@ -38,15 +38,34 @@ def make_workdir(path: Path, cache) -> Path:
   (path / "eval" / "predictions").mkdir(parents=True)
   with (path / "metrics.jsonl").open("w") as f:
     for step in (10, 20, 30, 40):
-      f.write(json.dumps({"step": step, "loss": 2.0 / step ** 0.5, "dice_loss": 1.0 / step ** 0.5,
-                          "focal_loss": 1.0 / step, "accuracy": 1 - 1 / step, "iou": 0.2 + step / 100,
-                          "learning_rate": 1e-3 * step / 40, "steps_per_s": 3.0}) + "\n")
+      f.write(
+        json.dumps(
+          {
+            "step": step,
+            "loss": 2.0 / step**0.5,
+            "dice_loss": 1.0 / step**0.5,
+            "focal_loss": 1.0 / step,
+            "accuracy": 1 - 1 / step,
+            "iou": 0.2 + step / 100,
+            "learning_rate": 1e-3 * step / 40,
+            "steps_per_s": 3.0,
+          }
+        )
+        + "\n"
+      )
     f.write('{"step": 50, "loss"')  # half-written by a running training: skipped
   with (path / "eval" / "history.jsonl").open("w") as f:
     for step, d in ((20, 0.3), (40, 0.55)):
-      f.write(json.dumps({"step": step, "mean_dice": d,
-                          "per_class": {NAMES["1"]: d + 0.1, NAMES["2"]: d, NAMES["3"]: d - 0.1}})
-              + "\n")
+      f.write(
+        json.dumps(
+          {
+            "step": step,
+            "mean_dice": d,
+            "per_class": {NAMES["1"]: d + 0.1, NAMES["2"]: d, NAMES["3"]: d - 0.1},
+          }
+        )
+        + "\n"
+      )
   per_case = []
   for i, case in enumerate(cache.case_ids):
     _, label = cache.load_case(case)
@@ -54,15 +73,27 @@ def make_workdir(path: Path, cache) -> Path:
     pred[pred == 3] = 0  # the "model" misses the spleen...
     pred = np.roll(pred, 1, axis=2)  # ...and is off by a voxel
     np.savez_compressed(path / "eval" / "predictions" / f"{case}.npz", labels=pred)
-    per_case.append({"case": case, "per_class": {
-        NAMES["1"]: organ_scores(0.9 - 0.1 * i, 0.8, 3.0),
-        NAMES["2"]: organ_scores(0.7, 0.6, 5.5),
-        NAMES["3"]: organ_scores(0.0, 0.0, None)}})
-  summary = {"step": 40, "mean_dice": 0.51666, "mean_nsd": 0.4667,
-             "per_class": {NAMES["1"]: organ_scores(0.85, 0.8, 3.0),
-                           NAMES["2"]: organ_scores(0.7, 0.6, 5.5),
-                           NAMES["3"]: organ_scores(0.0, 0.0, None)},
-             "per_case": per_case}
+    per_case.append(
+      {
+        "case": case,
+        "per_class": {
+          NAMES["1"]: organ_scores(0.9 - 0.1 * i, 0.8, 3.0),
+          NAMES["2"]: organ_scores(0.7, 0.6, 5.5),
+          NAMES["3"]: organ_scores(0.0, 0.0, None),
+        },
+      }
+    )
+  summary = {
+    "step": 40,
+    "mean_dice": 0.51666,
+    "mean_nsd": 0.4667,
+    "per_class": {
+      NAMES["1"]: organ_scores(0.85, 0.8, 3.0),
+      NAMES["2"]: organ_scores(0.7, 0.6, 5.5),
+      NAMES["3"]: organ_scores(0.0, 0.0, None),
+    },
+    "per_case": per_case,
+  }
   (path / "eval" / "summary.json").write_text(json.dumps(summary))
   plan = {**cache.plan, "cache_dir": str(cache.dir.absolute()), "class_names": NAMES}
   (path / "plan.json").write_text(json.dumps(plan))
@@ -171,8 +202,13 @@ def test_overlay_orientation(tmp_path):
 
 
 def run_cli(*args):
-  return subprocess.run([sys.executable, "-m", "vnet_jax.report", *args], cwd=REPO,
-                        capture_output=True, text=True, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-m", "vnet_jax.report", *args],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
 
 
 def test_cli(tmp_path, cache):

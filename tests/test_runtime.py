@@ -16,7 +16,7 @@ def test_cpu_options_are_used_exactly_when_jaxlib_accepts_them():
     assert options == runtime._CPU_OPTIONS
     jax.jit(jnp.sin).lower(x).compile(compiler_options=options)
   else:
-    with pytest.raises(Exception):
+    with pytest.raises(Exception):  # noqa: B017 - jaxlib's error type for an unknown option varies
       jax.jit(jnp.sin).lower(x).compile(compiler_options=runtime._CPU_OPTIONS)
 
 
@@ -37,7 +37,9 @@ def test_pmapped_matches_plain_pmap_and_compiles_once_per_signature():
   x, k = _conv_case(6)
   expected = jax.pmap(depth_split_conv)(x, k)
   np.testing.assert_allclose(p(x, k), expected, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(p(x + 1, k), jax.pmap(depth_split_conv)(x + 1, k), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    p(x + 1, k), jax.pmap(depth_split_conv)(x + 1, k), rtol=1e-5, atol=1e-5
+  )
   assert len(p._executables) == 1
   x4, _ = _conv_case(4)
   assert p(x4, k).shape == (1, 2, 4, 8, 8, 5)
@@ -58,30 +60,36 @@ def _exec_env(monkeypatch, platform, tunables):
 
 
 def test_exec_with_huge_pages_reexecutes_the_same_command_once(monkeypatch):
-  (exe, argv, env), = _exec_env(monkeypatch, "linux", None)
+  ((exe, argv, env),) = _exec_env(monkeypatch, "linux", None)
   assert exe == runtime.sys.executable and argv == runtime.sys.orig_argv
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-  (_, _, env), = _exec_env(monkeypatch, "linux", "glibc.malloc.arena_max=2")
+  ((_, _, env),) = _exec_env(monkeypatch, "linux", "glibc.malloc.arena_max=2")
   assert env["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
 
 
-@pytest.mark.parametrize("platform,tunables", [("linux", "glibc.malloc.hugetlb=0"), ("linux", "glibc.malloc.hugetlb=1"),
-                                               ("darwin", None)])
-def test_exec_with_huge_pages_respects_a_set_tunable_and_other_systems(monkeypatch, platform, tunables):
+@pytest.mark.parametrize(
+  "platform,tunables",
+  [("linux", "glibc.malloc.hugetlb=0"), ("linux", "glibc.malloc.hugetlb=1"), ("darwin", None)],
+)
+def test_exec_with_huge_pages_respects_a_set_tunable_and_other_systems(
+  monkeypatch, platform, tunables
+):
   assert _exec_env(monkeypatch, platform, tunables) == []
 
 
 def test_compiled_model_propagates_nan_like_xla():
   """Overflowing activations must reach the logits as NaN, or a diverged run trains on silently."""
   from vnet_jax.model import VNet
+
   model = VNet(num_classes=3, filters=(2, 4, 4, 8, 8), conv_impl="depth_split", dropout_rate=0.0)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 16, 32, 32, 1)).astype(np.float32))
   variables = model.init(jax.random.PRNGKey(0), x)
   huge = jax.tree.map(lambda p: p * 1e30 + 1e29, variables["params"])
 
   def logits(options):
-    apply = lambda p: model.apply({"params": p, "batch_stats": variables["batch_stats"]}, x, train=True,
-                                  mutable=["batch_stats"])[0]
+    apply = lambda p: model.apply(
+      {"params": p, "batch_stats": variables["batch_stats"]}, x, train=True, mutable=["batch_stats"]
+    )[0]
     return np.asarray(jax.jit(apply, compiler_options=options)(huge))
 
   expected = np.isnan(logits({}))

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from vnet_jax.data import DataError
 from vnet_jax.data import synthetic
+from vnet_jax.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
 NUM_CASES = len(synthetic.ORIENTATIONS)  # one case per storage orientation
@@ -107,7 +107,7 @@ def test_anatomy_sides_in_world_coordinates(flare_cases):
   """
   for case, img, _, _, label in flare_cases:
     c = {k: _world_centroid(label, img.affine, k) for k in range(1, 14)}
-    right_of = lambda a, b: c[a][0] > c[b][0] + 5  # mm
+    right_of = lambda a, b, c=c: c[a][0] > c[b][0] + 5  # mm
     assert right_of(synthetic.LIVER, synthetic.SPLEEN), case
     assert right_of(synthetic.RIGHT_KIDNEY, synthetic.LEFT_KIDNEY), case
     assert right_of(synthetic.RIGHT_ADRENAL, synthetic.LEFT_ADRENAL), case
@@ -124,7 +124,7 @@ def test_anatomy_sides_in_world_coordinates(flare_cases):
 
 
 def test_closest_canonical_recovers_the_same_layout(flare_cases):
-  for case, img, _, lab, _ in flare_cases:
+  for case, _, _, lab, _ in flare_cases:
     canon = nib.as_closest_canonical(lab)
     assert nib.aff2axcodes(canon.affine) == ("R", "A", "S"), case
     label = np.asanyarray(canon.dataobj)
@@ -149,8 +149,12 @@ def test_reorient_round_trip_is_exact(axcodes):
 
 
 def test_every_organ_present_with_enough_voxels(flare_cases):
-  small = {synthetic.RIGHT_ADRENAL: 30, synthetic.LEFT_ADRENAL: 30, synthetic.GALLBLADDER: 80,
-           synthetic.ESOPHAGUS: 120}
+  small = {
+    synthetic.RIGHT_ADRENAL: 30,
+    synthetic.LEFT_ADRENAL: 30,
+    synthetic.GALLBLADDER: 80,
+    synthetic.ESOPHAGUS: 120,
+  }
   for case, *_, label in flare_cases:
     counts = np.bincount(label.ravel(), minlength=14)
     for organ in range(1, 14):
@@ -212,8 +216,17 @@ def test_refuses_a_directory_holding_other_cases(tmp_path):
 
 def test_cli(tmp_path):
   env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-  cmd = [sys.executable, "-m", "vnet_jax.data.synthetic", f"--out={tmp_path / 'ds'}", "--cases=2",
-         "--layout=nnunet", "--seed=3", "--size=48,40,12", "--spacing=0.8,0.8,3"]
+  cmd = [
+    sys.executable,
+    "-m",
+    "vnet_jax.data.synthetic",
+    f"--out={tmp_path / 'ds'}",
+    "--cases=2",
+    "--layout=nnunet",
+    "--seed=3",
+    "--size=48,40,12",
+    "--spacing=0.8,0.8,3",
+  ]
   proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   assert "wrote 2 synthetic cases" in proc.stdout
@@ -222,7 +235,8 @@ def test_cli(tmp_path):
   canon = nib.as_closest_canonical(img)
   assert canon.shape == (48, 40, 12)
   np.testing.assert_allclose(canon.header.get_zooms(), (0.8, 0.8, 3.0), rtol=1e-5)
-  bad = subprocess.run(cmd[:-2] + ["--size=48,40"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=120)
+  bad = subprocess.run(
+    cmd[:-2] + ["--size=48,40"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+  )
   assert bad.returncode != 0
   assert "--size=48,40" in bad.stderr and "Traceback" not in bad.stderr

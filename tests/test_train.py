@@ -1,4 +1,5 @@
-"""Training: the pmap'd step against a hand-written step, multi-device equality, the loop, resume."""
+"""Training: the pmap'd step against a hand-written step, multi-device equality, the loop,
+resume."""
 
 import json
 import os
@@ -22,12 +23,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _batch(rng, devices, per_device, patch, num_classes):
-  return {"image": rng.normal(size=(devices, per_device, *patch, 1)).astype(np.float32),
-          "label": rng.integers(0, num_classes, (devices, per_device, *patch)).astype(np.int32)}
+  return {
+    "image": rng.normal(size=(devices, per_device, *patch, 1)).astype(np.float32),
+    "label": rng.integers(0, num_classes, (devices, per_device, *patch)).astype(np.int32),
+  }
 
 
 def test_train_step_matches_a_hand_written_adam_step(tmp_path):
-  config = make_tiny_config(tmp_path, tmp_path, **{"loss.class_weights": (0.5, 1.0, 2.0), "model.dropout_rate": 0.2})
+  config = make_tiny_config(
+    tmp_path, tmp_path, **{"loss.class_weights": (0.5, 1.0, 2.0), "model.dropout_rate": 0.2}
+  )
   model = train.build_model(config, num_classes=3, in_channels=1, bn_axis_name=train.AXIS)
   state = train.create_train_state(config, model)
   batch = _batch(np.random.default_rng(0), 1, 2, config.patch_size, 3)
@@ -39,35 +44,49 @@ def test_train_step_matches_a_hand_written_adam_step(tmp_path):
   onehot = jax.nn.one_hot(batch["label"][0], 3)
 
   def loss_fn(params):
-    logits, upd = ref_model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"][0],
-                                  train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+    logits, upd = ref_model.apply(
+      {"params": params, "batch_stats": state.batch_stats},
+      batch["image"][0],
+      train=True,
+      rngs={"dropout": key},
+      mutable=["batch_stats"],
+    )
     return losses.total_loss(jax.nn.softmax(logits), onehot, (0.5, 1.0, 2.0)), upd
 
   # Same compiler options as the step, so both sum in the same order.
-  (loss, upd), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True),
-                               compiler_options=runtime.compiler_options())(state.params)
+  (loss, upd), grads = jax.jit(
+    jax.value_and_grad(loss_fn, has_aux=True), compiler_options=runtime.compiler_options()
+  )(state.params)
   tx = optax.adam(config.learning_rate)
   updates, _ = tx.update(grads, tx.init(state.params), state.params)
   expected = optax.apply_updates(state.params, updates)
   got = jax_utils.unreplicate(new_state)
   np.testing.assert_allclose(step_metrics["loss"][0], loss, rtol=1e-5)
+
   # Adam's first step is lr * sign(g): compare where the gradient is not float noise (e.g. the
   # biases of convolutions followed by BatchNorm, whose true gradient is zero).
   def close(a, b, g):
     mask = np.abs(np.asarray(g)) > 1e-6
     np.testing.assert_allclose(np.asarray(a)[mask], np.asarray(b)[mask], rtol=1e-4, atol=1e-7)
     return np.array([mask.sum(), mask.size])
-  counts = sum(jax.tree_util.tree_leaves(jax.tree_util.tree_map(close, got.params, expected, grads)))
+
+  counts = sum(
+    jax.tree_util.tree_leaves(jax.tree_util.tree_map(close, got.params, expected, grads))
+  )
   assert counts[0] > 0.75 * counts[1]
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), got.batch_stats,
-                         upd["batch_stats"])
+  jax.tree_util.tree_map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7),
+    got.batch_stats,
+    upd["batch_stats"],
+  )
   assert int(got.step) == 1
   assert set(step_metrics) == {"loss", "dice_loss", "focal_loss", "accuracy", "iou"}
 
 
 def test_learning_rate_schedule_warmup_then_cosine(tmp_path):
-  config = make_tiny_config(tmp_path, tmp_path, lr_schedule="cosine", warmup_steps=10, num_steps=110,
-                            learning_rate=1e-3)
+  config = make_tiny_config(
+    tmp_path, tmp_path, lr_schedule="cosine", warmup_steps=10, num_steps=110, learning_rate=1e-3
+  )
   schedule = train.learning_rate_schedule(config)
   np.testing.assert_allclose(schedule(5), 0.5e-3, rtol=1e-6)
   np.testing.assert_allclose(schedule(10), 1e-3, rtol=1e-6)
@@ -101,7 +120,8 @@ state = state.replace(tx=sgd, opt_state=sgd.init(state.params))
 step = functools.partial(train.train_step, num_classes=3, loss_config=config.loss, weights=None)
 rng = np.random.default_rng(0)
 batches = [{"image": rng.normal(size=(4, *config.patch_size, 1)).astype(np.float32),
-            "label": rng.integers(0, 3, (4, *config.patch_size)).astype(np.int32)} for _ in range(3)]
+            "label": rng.integers(0, 3, (4, *config.patch_size)).astype(np.int32)}
+           for _ in range(3)]
 results = []
 for devices in (jax.devices()[:1], jax.devices()):
   n = len(devices)
@@ -112,29 +132,51 @@ for devices in (jax.devices()[:1], jax.devices()):
   results.append((jax.tree_util.tree_map(lambda x: np.asarray(x)[0], s), float(m["loss"][0])))
 (one, loss1), (two, loss2) = results
 np.testing.assert_allclose(loss1, loss2, rtol=1e-5)
-jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one.params, two.params)
-jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), one.batch_stats, two.batch_stats)
+close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+jax.tree_util.tree_map(close, one.params, two.params)
+jax.tree_util.tree_map(close, one.batch_stats, two.batch_stats)
 print("OK")
 """
 
 
 def _env(devices: int) -> dict:
-  return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-          "PYTHONPATH": str(ROOT)}
+  return {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": str(ROOT),
+  }
 
 
 def test_two_devices_equal_one_device_with_the_same_global_batch():
-  out = subprocess.run([sys.executable, "-c", _TWO_DEVICES], env=_env(2), capture_output=True, text=True,
-                       timeout=600, cwd=ROOT)
+  out = subprocess.run(
+    [sys.executable, "-c", _TWO_DEVICES],
+    env=_env(2),
+    capture_output=True,
+    text=True,
+    timeout=600,
+    cwd=ROOT,
+  )
   assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------- end to end (slow)
 
+
 def run_main(workdir, data_dir, cache_dir, *extra, devices=1, check=True, **overrides):
-  cmd = [sys.executable, "-m", "vnet_jax.main", "--experiment=flare22", "--fold=0", f"--workdir={workdir}",
-         *tiny_flags(data_dir, cache_dir, **overrides), *extra]
-  out = subprocess.run(cmd, env=_env(devices), capture_output=True, text=True, timeout=600, cwd=ROOT)
+  cmd = [
+    sys.executable,
+    "-m",
+    "vnet_jax.main",
+    "--experiment=flare22",
+    "--fold=0",
+    f"--workdir={workdir}",
+    *tiny_flags(data_dir, cache_dir, **overrides),
+    *extra,
+  ]
+  out = subprocess.run(
+    cmd, env=_env(devices), capture_output=True, text=True, timeout=600, cwd=ROOT
+  )
   if check:
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   return out
@@ -158,9 +200,21 @@ def test_main_trains_validates_and_writes_its_outputs(tmp_path, tiny_dataset):
   config = json.loads((work / "config.json").read_text())
   assert config["num_steps"] == 4 and config["model"]["filters"] == [2, 4, 4, 8, 8]
   summary = json.loads((work / "eval" / "summary.json").read_text())
-  assert set(summary["per_class"]) == {"liver", "right kidney", "spleen", "pancreas", "aorta", "inferior vena cava",
-                                       "right adrenal gland", "left adrenal gland", "gallbladder", "esophagus",
-                                       "stomach", "duodenum", "left kidney"}
+  assert set(summary["per_class"]) == {
+    "liver",
+    "right kidney",
+    "spleen",
+    "pancreas",
+    "aorta",
+    "inferior vena cava",
+    "right adrenal gland",
+    "left adrenal gland",
+    "gallbladder",
+    "esophagus",
+    "stomach",
+    "duodenum",
+    "left kidney",
+  }
   splits = json.loads((work / "splits.json").read_text())
   assert [c["case"] for c in summary["per_case"]] == splits[0]["val"]
   assert 0.0 <= summary["mean_dice"] <= 1.0
@@ -168,7 +222,9 @@ def test_main_trains_validates_and_writes_its_outputs(tmp_path, tiny_dataset):
   assert list((work / "tensorboard").glob("events.out.tfevents.*"))
   assert (work / "plan.json").exists() and (work / "report.html").exists()
   assert (work / "plots" / "training_curves.png").exists()
-  assert sorted(p.stem for p in (work / "eval" / "predictions").glob("*.npz")) == sorted(splits[0]["val"])
+  assert sorted(p.stem for p in (work / "eval" / "predictions").glob("*.npz")) == sorted(
+    splits[0]["val"]
+  )
 
   # --mode=eval restores the best checkpoint (the only one with a validation score: step 4).
   out = run_main(work, tiny_dataset, tmp_path / "cache", "--mode=eval", eval_every=4)
@@ -182,11 +238,21 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dataset
   run_main(tmp_path / "straight", tiny_dataset, tmp_path / "cache", **steps)
 
   work = tmp_path / "killed"
-  cmd = [sys.executable, "-m", "vnet_jax.main", "--experiment=flare22", f"--workdir={work}",
-         *tiny_flags(tiny_dataset, tmp_path / "cache", **steps)]
-  proc = subprocess.Popen(cmd, env=_env(1), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  cmd = [
+    sys.executable,
+    "-m",
+    "vnet_jax.main",
+    "--experiment=flare22",
+    f"--workdir={work}",
+    *tiny_flags(tiny_dataset, tmp_path / "cache", **steps),
+  ]
+  proc = subprocess.Popen(
+    cmd, env=_env(1), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   deadline = time.time() + 300
-  while not (work / "checkpoints" / "10").exists() and time.time() < deadline and proc.poll() is None:
+  while (
+    not (work / "checkpoints" / "10").exists() and time.time() < deadline and proc.poll() is None
+  ):
     time.sleep(0.05)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
@@ -202,8 +268,15 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, tiny_dataset
 
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, tiny_dataset):
-  out = run_main(tmp_path / "run", tiny_dataset, tmp_path / "cache", check=False, num_steps=12,
-                 checkpoint_every=1, learning_rate=1e30)
+  out = run_main(
+    tmp_path / "run",
+    tiny_dataset,
+    tmp_path / "cache",
+    check=False,
+    num_steps=12,
+    checkpoint_every=1,
+    learning_rate=1e30,
+  )
   assert out.returncode != 0
   message = out.stderr.strip().splitlines()[-1]
   assert message.startswith("error: non-finite loss") and "at step" in message
@@ -214,21 +287,52 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
 
 
 def test_missing_dataset_is_one_line_pointing_to_the_data(tmp_path):
-  out = subprocess.run([sys.executable, "-m", "vnet_jax.main", "--experiment=flare22",
-                        f"--workdir={tmp_path}/w", f"--data_dir={tmp_path}/FLARE22Train"],
-                       env=_env(1), capture_output=True, text=True, timeout=300, cwd=ROOT)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "vnet_jax.main",
+      "--experiment=flare22",
+      f"--workdir={tmp_path}/w",
+      f"--data_dir={tmp_path}/FLARE22Train",
+    ],
+    env=_env(1),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
+  )
   assert out.returncode == 1
   last = out.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: ") and "FLARE22Train" in last and "7860267" in last and "Traceback" not in out.stderr
+  assert (
+    last.startswith("error: ")
+    and "FLARE22Train" in last
+    and "7860267" in last
+    and "Traceback" not in out.stderr
+  )
 
 
 def test_config_overrides_from_the_command_line_reach_the_run(tmp_path, tiny_dataset):
   # An optional (None) field and a tuple field; the run stops at validation of the fold index.
-  out = subprocess.run([sys.executable, "-m", "vnet_jax.main", "--experiment=seed", "--fold=7",
-                        f"--workdir={tmp_path}/w", f"--data_dir={tiny_dataset}",
-                        "--config.loss.class_weights=1,1,1,1", "--config.model.filters=8,16,32,64,64",
-                        f"--config.data.cache_dir={tmp_path}/cache"],
-                       env=_env(1), capture_output=True, text=True, timeout=300, cwd=ROOT)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "vnet_jax.main",
+      "--experiment=seed",
+      "--fold=7",
+      f"--workdir={tmp_path}/w",
+      f"--data_dir={tiny_dataset}",
+      "--config.loss.class_weights=1,1,1,1",
+      "--config.model.filters=8,16,32,64,64",
+      f"--config.data.cache_dir={tmp_path}/cache",
+    ],
+    env=_env(1),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
+  )
   assert out.returncode == 1 and "fold" in out.stderr.strip().splitlines()[-1]
   config = json.loads((tmp_path / "w" / "config.json").read_text())
   assert config["loss"]["class_weights"] == [1, 1, 1, 1]
@@ -243,13 +347,30 @@ def test_two_processes_of_two_devices_match_one_process_of_four(tmp_path, tiny_d
   steps = dict(num_steps=3, checkpoint_every=3, eval_every=1000, **{"model.batch_norm": False})
   run_main(tmp_path / "single", tiny_dataset, tmp_path / "cache", devices=4, **steps)
   import portpicker
+
   port = portpicker.pick_unused_port()
   work = tmp_path / "multi"
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "vnet_jax.main", "--experiment=flare22", f"--workdir={work}",
-       *tiny_flags(tiny_dataset, tmp_path / "cache", **steps), f"--coordinator_address=localhost:{port}",
-       "--num_processes=2", f"--process_id={i}"],
-      env=_env(2), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "vnet_jax.main",
+        "--experiment=flare22",
+        f"--workdir={work}",
+        *tiny_flags(tiny_dataset, tmp_path / "cache", **steps),
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      env=_env(2),
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=600) for p in procs]
   assert all(p.returncode == 0 for p in procs), "\n".join(err[-2000:] for _, err in outputs)
   step_a, a = load_params(tmp_path / "single")

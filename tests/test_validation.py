@@ -7,9 +7,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from vnet_jax.data import DataError
 from vnet_jax.data import validation
 from vnet_jax.data.layouts import discover_dataset
+from vnet_jax.errors import DataError
 
 SHAPE = (6, 7, 8)
 AFFINE = np.array([[-0.8, 0, 0, 100.0], [0, -0.8, 0, 50.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])
@@ -24,9 +24,15 @@ def _save(path: Path, data: np.ndarray, affine=AFFINE):
 def _dataset(root: Path, n=3, channels=1, ending=".nii.gz"):
   """nnU-Net v2 dataset with classes 0..2 and valid, consistent files."""
   root.mkdir(parents=True, exist_ok=True)
-  (root / "dataset.json").write_text(json.dumps({
-      "channel_names": {str(i): f"MR{i}" for i in range(channels)},
-      "labels": {"background": 0, "a": 1, "b": 2}, "file_ending": ending}))
+  (root / "dataset.json").write_text(
+    json.dumps(
+      {
+        "channel_names": {str(i): f"MR{i}" for i in range(channels)},
+        "labels": {"background": 0, "a": 1, "b": 2},
+        "file_ending": ending,
+      }
+    )
+  )
   rng = np.random.default_rng(0)
   for k in range(n):
     for ch in range(channels):
@@ -47,8 +53,9 @@ def _fails(dataset_root: Path, bad_file: Path, match: str, **kw):
 
 def test_valid_dataset_headers(tmp_path):
   root = _dataset(tmp_path / "d", channels=2)
-  headers = validation.validate_dataset(discover_dataset(root), num_folds=3, fold=2,
-                                        check_content=True)
+  headers = validation.validate_dataset(
+    discover_dataset(root), num_folds=3, fold=2, check_content=True
+  )
   h = headers["c1"]
   assert h.shape == SHAPE
   np.testing.assert_allclose(h.affine, AFFINE)

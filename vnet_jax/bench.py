@@ -31,47 +31,80 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from absl import app
-from absl import flags
 import numpy as np
+from absl import app, flags
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_list("patch", ["128", "128", "128"], "Patch size D,H,W (train and infer: the window); "
-                  "when not given, loader uses 128,128,128 and train/infer 32,64,64.")
+flags.DEFINE_list(
+  "patch",
+  ["128", "128", "128"],
+  "Patch size D,H,W (train and infer: the window); "
+  "when not given, loader uses 128,128,128 and train/infer 32,64,64.",
+)
 flags.DEFINE_integer("per_device_batch", 2, "Patches per device per step.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 # train and infer
-flags.DEFINE_list("filters", ["8", "16", "32", "32", "32"], "train/infer: VNet filters per level "
-                  "(the experiments' default is 16,32,64,128,128).")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "train/infer: compute dtype "
-                  "(parameters stay float32).")
-flags.DEFINE_enum("conv_impl", "auto", ["auto", "native", "depth_split"], "train/infer: 3D "
-                  "convolution formulation ('auto': depth_split on CPU, native elsewhere).")
+flags.DEFINE_list(
+  "filters",
+  ["8", "16", "32", "32", "32"],
+  "train/infer: VNet filters per level (the experiments' default is 16,32,64,128,128).",
+)
+flags.DEFINE_enum(
+  "dtype",
+  "float32",
+  ["float32", "bfloat16"],
+  "train/infer: compute dtype (parameters stay float32).",
+)
+flags.DEFINE_enum(
+  "conv_impl",
+  "auto",
+  ["auto", "native", "depth_split"],
+  "train/infer: 3D convolution formulation ('auto': depth_split on CPU, native elsewhere).",
+)
 # train
 flags.DEFINE_integer("steps", 5, "train: timed steps (after one warm-up step).")
 flags.DEFINE_integer("num_classes", 14, "train: classes of the random labels (FLARE22: 14).")
-flags.DEFINE_integer("matmul_n", 0, "train: size of the square matrix product that measures the peak "
-                     "FLOP/s (0: 2048 on CPU, 8192 on accelerators).")
-flags.DEFINE_string("profile_dir", None, "train: also write an XLA profile (jax.profiler trace) of "
-                    "3 steps there, after the timed ones.")
+flags.DEFINE_integer(
+  "matmul_n",
+  0,
+  "train: size of the square matrix product that measures the peak "
+  "FLOP/s (0: 2048 on CPU, 8192 on accelerators).",
+)
+flags.DEFINE_string(
+  "profile_dir",
+  None,
+  "train: also write an XLA profile (jax.profiler trace) of 3 steps there, after the timed ones.",
+)
 # infer
 flags.DEFINE_list("shape", ["128", "128", "40"], "infer: synthetic case size x,y,z in voxels.")
 flags.DEFINE_list("spacing", ["0.8", "0.8", "2.5"], "infer: synthetic case spacing x,y,z in mm.")
-flags.DEFINE_list("target_spacing", ["2.5", "1.0", "1.0"], "infer: preprocessing target spacing "
-                  "z,y,x in mm (the plan's; FLARE22's median is about 2.5,0.8,0.8).")
+flags.DEFINE_list(
+  "target_spacing",
+  ["2.5", "1.0", "1.0"],
+  "infer: preprocessing target spacing "
+  "z,y,x in mm (the plan's; FLARE22's median is about 2.5,0.8,0.8).",
+)
 flags.DEFINE_bool("tta", False, "infer: mirror test-time augmentation (8 forward passes a window).")
 flags.DEFINE_float("overlap", 0.5, "infer: sliding-window overlap.")
 # loader
 flags.DEFINE_integer("workers", 0, "loader: Grain worker processes (0: in this process).")
-flags.DEFINE_integer("read_threads", 1, "loader: with --workers=0, threads building batches "
-                     "(NumPy releases the GIL for the heavy parts).")
+flags.DEFINE_integer(
+  "read_threads",
+  1,
+  "loader: with --workers=0, threads building batches "
+  "(NumPy releases the GIL for the heavy parts).",
+)
 flags.DEFINE_integer("cases", 4, "loader: synthetic cases in the temporary cache.")
 flags.DEFINE_list("volume", ["160", "192", "192"], "loader: synthetic case shape D,H,W.")
 flags.DEFINE_integer("batches", 60, "loader: batches to time (after the warm-up ones).")
 flags.DEFINE_integer("warmup", 3, "loader: batches taken before timing starts.")
-flags.DEFINE_string("cache_dir", None, "loader: existing cache to read instead of a synthetic one "
-                    "(all cases under <cache_dir>/cases are used; writes fg_locations.npz there).")
+flags.DEFINE_string(
+  "cache_dir",
+  None,
+  "loader: existing cache to read instead of a synthetic one "
+  "(all cases under <cache_dir>/cases are used; writes fg_locations.npz there).",
+)
 
 
 def _ints(values, name: str, n: int = 3) -> tuple[int, ...]:
@@ -114,18 +147,24 @@ def _cpu_model() -> str:
 
 def _device_info() -> dict:
   import jax  # pylint: disable=g-import-not-at-top
+
   dev = jax.local_devices()[0]
   kind = dev.device_kind
   if dev.platform == "cpu":
     # "cpu" alone says nothing; the model and the cores XLA can use make CPU figures comparable.
     kind = f"{kind}: {_cpu_model()}, {os.cpu_count()} cores"
-  return {"device": kind, "platform": dev.platform, "num_devices": jax.local_device_count(),
-          "jax": jax.__version__}
+  return {
+    "device": kind,
+    "platform": dev.platform,
+    "num_devices": jax.local_device_count(),
+    "jax": jax.__version__,
+  }
 
 
 def _peak_memory_mb() -> float | None:
   """Peak device memory of this process so far, where the backend reports it (not on CPU)."""
   import jax  # pylint: disable=g-import-not-at-top
+
   stats = jax.local_devices()[0].memory_stats()
   if not stats or "peak_bytes_in_use" not in stats:
     return None
@@ -134,8 +173,8 @@ def _peak_memory_mb() -> float | None:
 
 def _model(num_classes: int, in_channels: int, patch: tuple[int, ...], bn_axis_name: str | None):
   """The VNet and its config as training would build them, with the bench's flags applied."""
-  from experiments import base  # pylint: disable=g-import-not-at-top
   from vnet_jax import train  # pylint: disable=g-import-not-at-top
+  from vnet_jax.experiments import base  # pylint: disable=g-import-not-at-top
 
   config = base.get_config()
   config.seed = FLAGS.seed
@@ -156,9 +195,11 @@ def _flops(cost) -> float:
 
 
 def _matmul_peak(dtype: str, n: int, repeats: int = 5) -> float:
-  """FLOP/s of an n x n matrix product in `dtype` (median of `repeats`): the device's practical peak."""
+  """FLOP/s of an n x n matrix product in `dtype` (median of `repeats`): the device's practical
+  peak."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   ka, kb = jax.random.split(jax.random.PRNGKey(0))
   a = jax.random.normal(ka, (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(kb, (n, n), jnp.float32).astype(dtype)
@@ -175,6 +216,7 @@ def _matmul_peak(dtype: str, n: int, repeats: int = 5) -> float:
 def _bench_train() -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from flax import jax_utils  # pylint: disable=g-import-not-at-top
+
   from vnet_jax import train  # pylint: disable=g-import-not-at-top
   from vnet_jax.model import resolve_conv_impl, xla_kernel_gradients  # pylint: disable=g-import-not-at-top
 
@@ -189,9 +231,12 @@ def _bench_train() -> dict:
   shape = (n_dev, FLAGS.per_device_batch, *patch)
   # Put on the devices once (by an identity pmap, which gives the step's own input sharding), so
   # the timing is the step's computation and not the host-to-device copy of the batch.
-  batch = jax.pmap(lambda b: b)({
+  batch = jax.pmap(lambda b: b)(
+    {
       "image": rng.standard_normal((*shape, 1), dtype=np.float32),
-      "label": rng.integers(0, FLAGS.num_classes, shape, dtype=np.int32)})
+      "label": rng.integers(0, FLAGS.num_classes, shape, dtype=np.int32),
+    }
+  )
   p_step = train.make_p_train_step(config, FLAGS.num_classes)
 
   t0 = time.perf_counter()
@@ -247,52 +292,64 @@ def _bench_train() -> dict:
   achieved = flops / step_s
   voxels = n_dev * FLAGS.per_device_batch * int(np.prod(patch))
   return {
-      "bench": "train",
-      **info,
-      "patch": list(patch),
-      "per_device_batch": FLAGS.per_device_batch,
-      "dtype": FLAGS.dtype,
-      "filters": list(model.filters),
-      "num_classes": FLAGS.num_classes,
-      "conv_impl": resolve_conv_impl(FLAGS.conv_impl),
-      "steps": FLAGS.steps,
-      "compile_s": round(compile_s, 3),
-      "first_step_s": round(first_step_s, 4),
-      "step_s": round(step_s, 4),
-      "step_s_min": round(min(times), 4),
-      "step_s_max": round(max(times), 4),
-      "steps_per_s": round(1 / step_s, 3),
-      "voxels_per_s": round(voxels / step_s),
-      "flops_per_step": flops,  # per device, XLA's count of the optimized step
-      "achieved_flops_per_s": round(achieved),
-      "peak_flops_per_s": round(peak),  # per device: n x n matrix product, same dtype
-      "peak_matmul_n": n,
-      "efficiency": round(achieved / peak, 4),
-      "peak_device_memory_mb": peak_mem,
-      # XLA's plan for the step: scratch beyond arguments and outputs (known on every backend).
-      "step_temp_memory_mb": round(mem.temp_size_in_bytes / 2**20, 1) if mem is not None else None,
-      # Host page faults per step: high where scratch memory is not on huge pages (runtime.py).
-      "page_faults_per_step": round(page_faults),
-      "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
-      "loss": loss,
-      "profile_dir": profile,
+    "bench": "train",
+    **info,
+    "patch": list(patch),
+    "per_device_batch": FLAGS.per_device_batch,
+    "dtype": FLAGS.dtype,
+    "filters": list(model.filters),
+    "num_classes": FLAGS.num_classes,
+    "conv_impl": resolve_conv_impl(FLAGS.conv_impl),
+    "steps": FLAGS.steps,
+    "compile_s": round(compile_s, 3),
+    "first_step_s": round(first_step_s, 4),
+    "step_s": round(step_s, 4),
+    "step_s_min": round(min(times), 4),
+    "step_s_max": round(max(times), 4),
+    "steps_per_s": round(1 / step_s, 3),
+    "voxels_per_s": round(voxels / step_s),
+    "flops_per_step": flops,  # per device, XLA's count of the optimized step
+    "achieved_flops_per_s": round(achieved),
+    "peak_flops_per_s": round(peak),  # per device: n x n matrix product, same dtype
+    "peak_matmul_n": n,
+    "efficiency": round(achieved / peak, 4),
+    "peak_device_memory_mb": peak_mem,
+    # XLA's plan for the step: scratch beyond arguments and outputs (known on every backend).
+    "step_temp_memory_mb": round(mem.temp_size_in_bytes / 2**20, 1) if mem is not None else None,
+    # Host page faults per step: high where scratch memory is not on huge pages (runtime.py).
+    "page_faults_per_step": round(page_faults),
+    "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+    "loss": loss,
+    "profile_dir": profile,
   }
 
 
-def _make_infer_case(root: str, shape: tuple[int, ...], spacing: tuple[float, ...],
-                     target_spacing: tuple[float, ...], seed: int) -> tuple[list[str], dict, float]:
-  """Writes one synthetic NIfTI case and its preprocessing plan; returns (image files, plan, seconds).
+def _make_infer_case(
+  root: str,
+  shape: tuple[int, ...],
+  spacing: tuple[float, ...],
+  target_spacing: tuple[float, ...],
+  seed: int,
+) -> tuple[list[str], dict, float]:
+  """Writes one synthetic NIfTI case and its preprocessing plan; returns (image files, plan,
+  seconds).
 
   Run in a child process so its memory (the phantom, the training-style cache) is not part of
   the predict path's peak RSS.
   """
   from vnet_jax.data import layouts, preprocess, synthetic  # pylint: disable=g-import-not-at-top
+
   t0 = time.perf_counter()
   data = Path(root) / "data"
   synthetic.write_dataset(str(data), 1, seed=seed, shape=shape, spacing=spacing)
   dataset = layouts.discover_dataset(data)
-  cache = preprocess.prepare_dataset(dataset, preprocess.PreprocessSettings(target_spacing=target_spacing),
-                                     Path(root) / "cache", num_workers=0, progress=False)
+  cache = preprocess.prepare_dataset(
+    dataset,
+    preprocess.PreprocessSettings(target_spacing=target_spacing),
+    Path(root) / "cache",
+    num_workers=0,
+    progress=False,
+  )
   files = [str(f) for f in dataset.cases[0].image_files]
   return files, cache.plan, time.perf_counter() - t0
 
@@ -305,27 +362,43 @@ def _bench_infer() -> dict:
   tmp = Path(tempfile.mkdtemp(prefix="vnet_jax_bench_"))
   try:
     # Spawned before JAX starts here: a forked child of a process running XLA threads can hang.
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-      files, plan, setup_s = pool.submit(_make_infer_case, str(tmp), shape, spacing, target_spacing,
-                                         FLAGS.seed).result()
+    with concurrent.futures.ProcessPoolExecutor(
+      1, mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+      files, plan, setup_s = pool.submit(
+        _make_infer_case, str(tmp), shape, spacing, target_spacing, FLAGS.seed
+      ).result()
     return _time_predict_path(files, plan, patch, setup_s, shape, spacing, target_spacing)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _time_predict_path(files: list[str], plan: dict, patch: tuple[int, ...], setup_s: float,
-                       shape: tuple[int, ...], spacing: tuple[float, ...],
-                       target_spacing: tuple[float, ...]) -> dict:
+def _time_predict_path(
+  files: list[str],
+  plan: dict,
+  patch: tuple[int, ...],
+  setup_s: float,
+  shape: tuple[int, ...],
+  spacing: tuple[float, ...],
+  target_spacing: tuple[float, ...],
+) -> dict:
   from vnet_jax import inference, train  # pylint: disable=g-import-not-at-top
   from vnet_jax.data import preprocess  # pylint: disable=g-import-not-at-top
   from vnet_jax.model import resolve_conv_impl  # pylint: disable=g-import-not-at-top
 
   num_classes, channels = int(plan["num_classes"]), int(plan["num_channels"])
   config, model = _model(num_classes, channels, patch, bn_axis_name=None)
-  state = train.create_train_state(config, model)  # random weights: the timing does not depend on them
+  state = train.create_train_state(
+    config, model
+  )  # random weights: the timing does not depend on them
   predictor = inference.SlidingWindowPredictor(
-      lambda v, x: model.apply(v, x, train=False), {"params": state.params, "batch_stats": state.batch_stats},
-      window=patch, num_classes=num_classes, overlap=FLAGS.overlap, tta=FLAGS.tta)
+    lambda v, x: model.apply(v, x, train=False),
+    {"params": state.params, "batch_stats": state.batch_stats},
+    window=patch,
+    num_classes=num_classes,
+    overlap=FLAGS.overlap,
+    tta=FLAGS.tta,
+  )
   # Warm-up on one window of zeros: compiles the window step (plus one window's run), so the timed
   # pass below is what every later volume of a predict run costs.
   t0 = time.perf_counter()
@@ -342,32 +415,34 @@ def _time_predict_path(files: list[str], plan: dict, patch: tuple[int, ...], set
   padded = tuple(max(s, w) for s, w in zip(image.shape[:3], patch))
   windows = len(inference.window_starts(padded, patch, FLAGS.overlap))
   # ru_maxrss is in KiB on Linux (bytes on macOS).
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (
+    2**20 if sys.platform == "darwin" else 2**10
+  )
   return {
-      "bench": "infer",
-      **_device_info(),
-      "shape": list(shape),
-      "spacing": list(spacing),
-      "target_spacing": list(target_spacing),
-      "preprocessed_shape": list(image.shape[:3]),
-      "original_shape": list(labels.shape),
-      "patch": list(patch),
-      "filters": list(model.filters),
-      "dtype": FLAGS.dtype,
-      "conv_impl": resolve_conv_impl(FLAGS.conv_impl),
-      "num_classes": num_classes,
-      "tta": FLAGS.tta,
-      "overlap": FLAGS.overlap,
-      "windows": windows,
-      "setup_s": round(setup_s, 2),
-      "compile_s": round(compile_s, 3),
-      "preprocess_s": round(t1 - t0, 3),
-      "sliding_window_s": round(t2 - t1, 3),
-      "map_back_s": round(t3 - t2, 3),
-      "total_s": round(t3 - t0, 3),
-      "s_per_window": round((t2 - t1) / windows, 4),
-      "peak_rss_mb": round(rss, 1),
-      "peak_device_memory_mb": _peak_memory_mb(),
+    "bench": "infer",
+    **_device_info(),
+    "shape": list(shape),
+    "spacing": list(spacing),
+    "target_spacing": list(target_spacing),
+    "preprocessed_shape": list(image.shape[:3]),
+    "original_shape": list(labels.shape),
+    "patch": list(patch),
+    "filters": list(model.filters),
+    "dtype": FLAGS.dtype,
+    "conv_impl": resolve_conv_impl(FLAGS.conv_impl),
+    "num_classes": num_classes,
+    "tta": FLAGS.tta,
+    "overlap": FLAGS.overlap,
+    "windows": windows,
+    "setup_s": round(setup_s, 2),
+    "compile_s": round(compile_s, 3),
+    "preprocess_s": round(t1 - t0, 3),
+    "sliding_window_s": round(t2 - t1, 3),
+    "map_back_s": round(t3 - t2, 3),
+    "total_s": round(t3 - t0, 3),
+    "s_per_window": round((t2 - t1) / windows, 4),
+    "peak_rss_mb": round(rss, 1),
+    "peak_device_memory_mb": _peak_memory_mb(),
   }
 
 
@@ -383,8 +458,9 @@ def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], cell: int = 
   return out.astype(np.float32)
 
 
-def write_synthetic_cache(root: Path, num_cases: int, shape: tuple[int, int, int],
-                          seed: int = 0) -> list[str]:
+def write_synthetic_cache(
+  root: Path, num_cases: int, shape: tuple[int, int, int], seed: int = 0
+) -> list[str]:
   """`root/cases/<id>/{image,label}.npy` in the cache format: z-scored image, 2 blob classes."""
   rng = np.random.default_rng(seed)
   ids = []
@@ -405,9 +481,9 @@ def write_synthetic_cache(root: Path, num_cases: int, shape: tuple[int, int, int
 
 
 def _bench_loader() -> dict:
-  from vnet_jax.data import DataError  # pylint: disable=g-import-not-at-top
   from vnet_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   from vnet_jax.data.augment import AugmentConfig  # pylint: disable=g-import-not-at-top
+  from vnet_jax.errors import DataError  # pylint: disable=g-import-not-at-top
 
   patch = _ints(FLAGS.patch, "patch")
   volume = _ints(FLAGS.volume, "volume")
@@ -427,10 +503,17 @@ def _bench_loader() -> dict:
     pipeline.precompute_foreground_locations(cache, case_ids)
     setup_s = time.perf_counter() - t0
     ds = pipeline.make_train_dataset(
-        cache, case_ids, patch_size=patch, per_device_batch=FLAGS.per_device_batch,
-        num_local_devices=1, seed=FLAGS.seed, aug=AugmentConfig(),
-        num_workers=FLAGS.workers, read_threads=FLAGS.read_threads,
-        prefetch_buffer_size=2 * FLAGS.read_threads)
+      cache,
+      case_ids,
+      patch_size=patch,
+      per_device_batch=FLAGS.per_device_batch,
+      num_local_devices=1,
+      seed=FLAGS.seed,
+      aug=AugmentConfig(),
+      num_workers=FLAGS.workers,
+      read_threads=FLAGS.read_threads,
+      prefetch_buffer_size=2 * FLAGS.read_threads,
+    )
     it = iter(ds)
     try:
       t1 = time.perf_counter()
@@ -453,34 +536,35 @@ def _bench_loader() -> dict:
   # "Worker": a worker process, or a reading thread when everything runs in this process.
   loaders = FLAGS.workers if FLAGS.workers > 0 else FLAGS.read_threads
   return {
-      "bench": "loader",
-      "patches_per_s": round(rate, 2),
-      "patches_per_s_per_worker": round(rate / loaders, 2),
-      "workers": FLAGS.workers,
-      "read_threads": FLAGS.read_threads if FLAGS.workers == 0 else 0,
-      "patch": list(patch),
-      "per_device_batch": FLAGS.per_device_batch,
-      "batches": FLAGS.batches,
-      "cases": len(case_ids),
-      "volume": None if FLAGS.cache_dir else list(volume),
-      "batch_shapes": shapes,
-      "setup_s": round(setup_s, 2),
-      "warmup_s": round(warmup_s, 2),
-      "timed_s": round(elapsed, 2),
+    "bench": "loader",
+    "patches_per_s": round(rate, 2),
+    "patches_per_s_per_worker": round(rate / loaders, 2),
+    "workers": FLAGS.workers,
+    "read_threads": FLAGS.read_threads if FLAGS.workers == 0 else 0,
+    "patch": list(patch),
+    "per_device_batch": FLAGS.per_device_batch,
+    "batches": FLAGS.batches,
+    "cases": len(case_ids),
+    "volume": None if FLAGS.cache_dir else list(volume),
+    "batch_shapes": shapes,
+    "setup_s": round(setup_s, 2),
+    "warmup_s": round(warmup_s, 2),
+    "timed_s": round(elapsed, 2),
   }
 
 
 SUBCOMMANDS: dict[str, Callable[[], dict]] = {
-    "train": _bench_train,
-    "infer": _bench_infer,
-    "loader": _bench_loader,
+  "train": _bench_train,
+  "infer": _bench_infer,
+  "loader": _bench_loader,
 }
 
 
 def main(argv: list[str]) -> None:
   if len(argv) != 2 or argv[1] not in SUBCOMMANDS:
     raise app.UsageError(f"usage: python -m vnet_jax.bench {{{','.join(SUBCOMMANDS)}}} [flags]")
-  from vnet_jax.data import DataError  # pylint: disable=g-import-not-at-top
+  from vnet_jax.errors import DataError  # pylint: disable=g-import-not-at-top
+
   try:
     result = SUBCOMMANDS[argv[1]]()
   except DataError as e:
@@ -491,5 +575,6 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   from vnet_jax import runtime  # pylint: disable=g-import-not-at-top
+
   runtime.exec_with_huge_pages()
   app.run(main)

@@ -14,27 +14,40 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from vnet_jax.errors import CheckpointError, one_line
+
 METRIC = "mean_dice"
 
 
-class CheckpointError(RuntimeError):
-  """A checkpoint that cannot be restored, reported as one line."""
-
-
-def make_manager(workdir: str | Path, keep: int = 3, read_only: bool = False) -> ocp.CheckpointManager:
-  policy = policies.AnyPreservationPolicy([
+def make_manager(
+  workdir: str | Path, keep: int = 3, read_only: bool = False
+) -> ocp.CheckpointManager:
+  policy = policies.AnyPreservationPolicy(
+    [
       policies.LatestN(n=keep),
-      policies.BestN(get_metric_fn=lambda m: m[METRIC], n=1, keep_checkpoints_without_metrics=False),
-  ])
+      policies.BestN(
+        get_metric_fn=lambda m: m[METRIC], n=1, keep_checkpoints_without_metrics=False
+      ),
+    ]
+  )
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, cleanup_tmp_directories=not read_only, read_only=read_only,
-      create=not read_only)
-  return ocp.CheckpointManager(Path(workdir).absolute() / "checkpoints", options=options,
-                               item_names=("state", "data_iter"))
+    preservation_policy=policy,
+    cleanup_tmp_directories=not read_only,
+    read_only=read_only,
+    create=not read_only,
+  )
+  return ocp.CheckpointManager(
+    Path(workdir).absolute() / "checkpoints", options=options, item_names=("state", "data_iter")
+  )
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_iter=None,
-         mean_dice: float | None = None) -> None:
+def save(
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  data_iter=None,
+  mean_dice: float | None = None,
+) -> None:
   """Saves an unreplicated state (host arrays) and, when given, the Grain iterator position."""
   items = {"state": ocp.args.StandardSave(jax.device_get(state))}
   if data_iter is not None:
@@ -62,7 +75,9 @@ def resolve_step(manager: ocp.CheckpointManager, which: str | int) -> int:
     return manager.latest_step() if best is None else best
   step = int(which)
   if step not in steps:
-    raise CheckpointError(f"{manager.directory}: no checkpoint at step {step} (have {sorted(steps)})")
+    raise CheckpointError(
+      f"{manager.directory}: no checkpoint at step {step} (have {sorted(steps)})"
+    )
   return step
 
 
@@ -74,6 +89,5 @@ def restore(manager: ocp.CheckpointManager, step: int, template: Any, data_iter=
   try:
     restored = manager.restore(step, args=ocp.args.Composite(**items))
   except (ValueError, KeyError, FileNotFoundError) as e:
-    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise CheckpointError(f"{manager.directory / str(step)}: cannot restore ({first_line})") from e
+    raise CheckpointError(f"{manager.directory / str(step)}: cannot restore ({one_line(e)})") from e
   return jax.tree_util.tree_map(np.asarray, restored["state"])

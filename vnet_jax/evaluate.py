@@ -30,8 +30,8 @@ import math
 import re
 import sys
 import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -39,9 +39,9 @@ from absl import logging
 from scipy import ndimage
 from surface_distance import metrics as sd_metrics
 
-from vnet_jax.data import DataError
-from vnet_jax.files import write_json_atomic, write_text_atomic
 from vnet_jax.data.layouts import FLARE22_CLASSES, FLARE22_TOLERANCES_MM
+from vnet_jax.errors import DataError
+from vnet_jax.files import write_json_atomic, write_text_atomic
 
 SLICE_SCORED_CLASSES = frozenset({5, 6, 10})
 METRICS = ("dice", "nsd", "hd95")
@@ -52,6 +52,7 @@ AFFINE_ATOL_MM = 1e-3
 
 # ---------------------------------------------------------------------------- one case
 
+
 def axial_axis(affine: np.ndarray) -> int:
   """Voxel axis whose direction is closest to S/I in world space (nibabel's io_orientation)."""
   ornt = nib.io_orientation(np.asarray(affine, np.float64))
@@ -61,10 +62,15 @@ def axial_axis(affine: np.ndarray) -> int:
   return axes[0]
 
 
-def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float],
-                  class_ids: Iterable[int], tolerances_mm: Mapping[int, float],
-                  slice_scored_classes: Iterable[int] = SLICE_SCORED_CLASSES,
-                  slice_axis: int = 2) -> dict[int, dict[str, float]]:
+def evaluate_case(
+  pred: np.ndarray,
+  ref: np.ndarray,
+  spacing_mm: Sequence[float],
+  class_ids: Iterable[int],
+  tolerances_mm: Mapping[int, float],
+  slice_scored_classes: Iterable[int] = SLICE_SCORED_CLASSES,
+  slice_axis: int = 2,
+) -> dict[int, dict[str, float]]:
   """FLARE22 scores of integer label maps `pred` vs `ref` (same voxel grid).
 
   spacing_mm: voxel size per array axis, from the reference header.
@@ -96,9 +102,20 @@ def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing_mm: Sequence[float]
   max_label = max(class_ids)
   ref_boxes = ndimage.find_objects(ref, max_label=max_label)
   pred_boxes = ndimage.find_objects(pred, max_label=max_label)
-  return {c: _score_class(pred, ref, c, ref_boxes[c - 1], pred_boxes[c - 1], spacing,
-                          float(tolerances_mm[c]), c in slice_scored, slice_axis)
-          for c in class_ids}
+  return {
+    c: _score_class(
+      pred,
+      ref,
+      c,
+      ref_boxes[c - 1],
+      pred_boxes[c - 1],
+      spacing,
+      float(tolerances_mm[c]),
+      c in slice_scored,
+      slice_axis,
+    )
+    for c in class_ids
+  }
 
 
 def _score(dice: float, nsd: float, hd95: float) -> dict[str, float]:
@@ -110,8 +127,10 @@ def _score_class(pred, ref, c, rbox, pbox, spacing, tolerance, slice_scored, sli
     return _score(1.0, 1.0, 0.0)
   if rbox is None or pbox is None:
     return _score(0.0, 0.0, math.nan)
-  box = [slice(max(min(r.start, p.start) - 1, 0), min(max(r.stop, p.stop) + 1, n))
-         for r, p, n in zip(rbox, pbox, ref.shape)]
+  box = [
+    slice(max(min(r.start, p.start) - 1, 0), min(max(r.stop, p.stop) + 1, n))
+    for r, p, n in zip(rbox, pbox, ref.shape)
+  ]
   if slice_scored:
     # Only the reference's labelled slice range is scored; no margin along that axis, so
     # predicted voxels on other slices never enter the crop.
@@ -135,12 +154,13 @@ def _score_class(pred, ref, c, rbox, pbox, spacing, tolerance, slice_scored, sli
 
 # ---------------------------------------------------------------------------- files
 
+
 def case_id_of(path: str | Path) -> str | None:
   """Case id of a NIfTI file name (without .nii / .nii.gz), None for other files."""
   name = Path(path).name
   for ext in (".nii.gz", ".nii"):
     if name.endswith(ext) and len(name) > len(ext):
-      return name[:-len(ext)]
+      return name[: -len(ext)]
   return None
 
 
@@ -176,10 +196,12 @@ def load_label(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, f
     raise DataError(f"{path}: label map must be 3D, got shape {data.shape}")
   if len(zooms) != 3 or not all(z > 0 and math.isfinite(z) for z in zooms):
     raise DataError(f"{path}: invalid voxel spacing {zooms} in header")
-  if not np.issubdtype(data.dtype, np.integer):
-    if not np.issubdtype(data.dtype, np.floating) or not np.all(np.isfinite(data)) \
-        or not np.array_equal(data, np.round(data)):
-      raise DataError(f"{path}: label values must be integers (dtype {data.dtype})")
+  if not np.issubdtype(data.dtype, np.integer) and (
+    not np.issubdtype(data.dtype, np.floating)
+    or not np.all(np.isfinite(data))
+    or not np.array_equal(data, np.round(data))
+  ):
+    raise DataError(f"{path}: label values must be integers (dtype {data.dtype})")
   if data.size and data.min() < 0:
     raise DataError(f"{path}: negative label value {data.min()}")
   top = int(data.max()) if data.size else 0
@@ -195,7 +217,9 @@ def class_names_from_dataset_json(path: str | Path) -> dict[int, str]:
   try:
     labels = json.loads(Path(path).read_text())["labels"]
   except (OSError, ValueError, KeyError, TypeError) as e:
-    raise DataError(f"{path}: cannot read 'labels' from dataset.json ({type(e).__name__})") from None
+    raise DataError(
+      f"{path}: cannot read 'labels' from dataset.json ({type(e).__name__})"
+    ) from None
   if not isinstance(labels, dict):
     raise DataError(f"{path}: 'labels' must be an object")
   names: dict[int, str] = {}
@@ -223,8 +247,9 @@ def _is_flare22_like(ref_dir: Path, case_ids: Iterable[str]) -> bool:
   return bool(ids) and all(cid.upper().startswith("FLARE22") for cid in ids)
 
 
-def resolve_tolerances(tolerances: str | float | Mapping[int, float],
-                       class_ids: Iterable[int], names: Mapping[int, str]) -> dict[int, float]:
+def resolve_tolerances(
+  tolerances: str | float | Mapping[int, float], class_ids: Iterable[int], names: Mapping[int, str]
+) -> dict[int, float]:
   """{class_id: mm}: "flare22" = the FLARE22 table, a number = that for every class, or a dict."""
   class_ids = list(class_ids)
   if isinstance(tolerances, str):
@@ -232,13 +257,16 @@ def resolve_tolerances(tolerances: str | float | Mapping[int, float],
       missing = [c for c in class_ids if c not in FLARE22_TOLERANCES_MM]
       if missing:
         listed = ", ".join(f"{c} ({names.get(c, c)})" for c in missing)
-        raise DataError(f"no FLARE22 NSD tolerance for class id {listed}; give one in mm "
-                        f"(--tolerances=MM)")
+        raise DataError(
+          f"no FLARE22 NSD tolerance for class id {listed}; give one in mm (--tolerances=MM)"
+        )
       return {c: float(FLARE22_TOLERANCES_MM[c]) for c in class_ids}
     try:
       tolerances = float(tolerances)
     except ValueError:
-      raise DataError(f"tolerances must be 'flare22' or a number of mm, got {tolerances!r}") from None
+      raise DataError(
+        f"tolerances must be 'flare22' or a number of mm, got {tolerances!r}"
+      ) from None
   if isinstance(tolerances, Mapping):
     missing = [c for c in class_ids if c not in tolerances]
     if missing:
@@ -257,10 +285,14 @@ def _nanmean(values: Sequence[float]) -> float:
   return float(v.mean()) if v.size else math.nan
 
 
-def evaluate_folder(pred_dir: str | Path, ref_dir: str | Path,
-                    class_names: Mapping[int, str] | None = None,
-                    tolerances: str | float | Mapping[int, float] = "flare22",
-                    chill: bool = False, verbose: bool = False) -> dict:
+def evaluate_folder(
+  pred_dir: str | Path,
+  ref_dir: str | Path,
+  class_names: Mapping[int, str] | None = None,
+  tolerances: str | float | Mapping[int, float] = "flare22",
+  chill: bool = False,
+  verbose: bool = False,
+) -> dict:
   """Scores every prediction in pred_dir against the reference of the same case id.
 
   class_names: {id: name} of the classes to score (foreground ids). None: the dataset.json
@@ -279,8 +311,10 @@ def evaluate_folder(pred_dir: str | Path, ref_dir: str | Path,
   missing = [cid for cid in refs if cid not in preds]
   if missing and not chill:
     more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-    raise DataError(f"{pred_dir / (missing[0] + '.nii.gz')}: missing prediction for reference "
-                    f"{refs[missing[0]]}{more} (use --chill to score only predicted cases)")
+    raise DataError(
+      f"{pred_dir / (missing[0] + '.nii.gz')}: missing prediction for reference "
+      f"{refs[missing[0]]}{more} (use --chill to score only predicted cases)"
+    )
   case_ids = sorted(preds)
 
   if class_names is None:
@@ -305,11 +339,14 @@ def evaluate_folder(pred_dir: str | Path, ref_dir: str | Path,
     ref, ref_affine, spacing = load_label(refs[cid])
     pred, pred_affine, _ = load_label(preds[cid])
     if pred.shape != ref.shape:
-      raise DataError(f"{preds[cid]}: shape {pred.shape} differs from reference {refs[cid]} "
-                      f"shape {ref.shape}")
+      raise DataError(
+        f"{preds[cid]}: shape {pred.shape} differs from reference {refs[cid]} shape {ref.shape}"
+      )
     if not np.allclose(pred_affine, ref_affine, rtol=0, atol=AFFINE_ATOL_MM):
-      raise DataError(f"{preds[cid]}: affine differs from reference {refs[cid]} "
-                      f"(max difference {np.abs(pred_affine - ref_affine).max():.4g})")
+      raise DataError(
+        f"{preds[cid]}: affine differs from reference {refs[cid]} "
+        f"(max difference {np.abs(pred_affine - ref_affine).max():.4g})"
+      )
     try:
       axis = axial_axis(ref_affine)
     except ValueError:
@@ -327,8 +364,7 @@ def evaluate_folder(pred_dir: str | Path, ref_dir: str | Path,
       case_tols = resolve_tolerances(tolerances, ids, {})
     raw[cid] = evaluate_case(pred, ref, spacing, ids, case_tols, slice_axis=axis)
     if verbose:
-      print(f"{cid}: " + " ".join(f"{c}:{s['dice']:.3f}" for c, s in raw[cid].items()),
-            flush=True)
+      print(f"{cid}: " + " ".join(f"{c}:{s['dice']:.3f}" for c, s in raw[cid].items()), flush=True)
 
   unscored = sorted(found - set(fixed_ids or found))
   if unscored:
@@ -342,8 +378,9 @@ def evaluate_folder(pred_dir: str | Path, ref_dir: str | Path,
     for cid in case_ids:
       for c in fixed_ids:
         if c not in raw[cid]:  # absent from this reference
-          raw[cid][c] = (_score(0.0, 0.0, math.nan) if c in pred_labels[cid]
-                         else _score(1.0, 1.0, 0.0))
+          raw[cid][c] = (
+            _score(0.0, 0.0, math.nan) if c in pred_labels[cid] else _score(1.0, 1.0, 0.0)
+          )
   return summarize({cid: {class_names[c]: raw[cid][c] for c in fixed_ids} for cid in case_ids})
 
 
@@ -359,18 +396,22 @@ def summarize(per_case_scores: Mapping[str, Mapping[str, Mapping[str, float]]]) 
     names += [n for n in scores if n not in names]
   per_class = {}
   for name in names:
-    per_class[name] = {m: _nanmean([per_case_scores[c][name][m] for c in cases
-                                    if name in per_case_scores[c]]) for m in METRICS}
+    per_class[name] = {
+      m: _nanmean([per_case_scores[c][name][m] for c in cases if name in per_case_scores[c]])
+      for m in METRICS
+    }
   return {
-      "mean_dice": _nanmean([v["dice"] for v in per_class.values()]),
-      "mean_nsd": _nanmean([v["nsd"] for v in per_class.values()]),
-      "per_class": per_class,
-      "per_case": [{"case": c, "per_class": {n: dict(s) for n, s in per_case_scores[c].items()}}
-                   for c in cases],
+    "mean_dice": _nanmean([v["dice"] for v in per_class.values()]),
+    "mean_nsd": _nanmean([v["nsd"] for v in per_class.values()]),
+    "per_class": per_class,
+    "per_case": [
+      {"case": c, "per_class": {n: dict(s) for n, s in per_case_scores[c].items()}} for c in cases
+    ],
   }
 
 
 # ---------------------------------------------------------------------------- writing
+
 
 def _json_safe(obj):
   # NaN / inf are not JSON: written as null.
@@ -417,14 +458,17 @@ def _num(x) -> float:
 def format_table(summary: dict) -> str:
   lines = [f"{'class':<24}{'dice':>8}{'nsd':>8}{'hd95':>9}"]
   for name, s in summary["per_class"].items():
-    lines.append(f"{name:<24}{_num(s.get('dice')):>8.4f}{_num(s.get('nsd')):>8.4f}"
-                 f"{_num(s.get('hd95')):>9.2f}")
-  lines.append(f"{'mean':<24}{_num(summary['mean_dice']):>8.4f}"
-               f"{_num(summary.get('mean_nsd')):>8.4f}")
+    lines.append(
+      f"{name:<24}{_num(s.get('dice')):>8.4f}{_num(s.get('nsd')):>8.4f}{_num(s.get('hd95')):>9.2f}"
+    )
+  lines.append(
+    f"{'mean':<24}{_num(summary['mean_dice']):>8.4f}{_num(summary.get('mean_nsd')):>8.4f}"
+  )
   return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- cross-validation
+
 
 def _fold_key(path: Path):
   digits = re.findall(r"\d+", path.name)
@@ -441,8 +485,10 @@ def _read_summary(path: Path) -> dict:
     mean_nsd = _num(s.get("mean_nsd"))
     per_class = {str(name): {m: _num(v.get(m)) for m in METRICS} for name, v in per_class.items()}
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-    raise DataError(f"{path}: unreadable fold summary ({type(e).__name__}: "
-                    f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    raise DataError(
+      f"{path}: unreadable fold summary ({type(e).__name__}: "
+      f"{str(e).splitlines()[0] if str(e) else ''})"
+    ) from None
   return {"mean_dice": mean_dice, "mean_nsd": mean_nsd, "per_class": per_class}
 
 
@@ -474,16 +520,23 @@ def cross_validation_summary(exp_dir: str | Path) -> dict:
   for s in summaries:
     names += [n for n in s["per_class"] if n not in names]
   per_class = {
-      name: {m: _mean_std([s["per_class"][name][m] if name in s["per_class"] else math.nan
-                           for s in summaries]) for m in METRICS}
-      for name in names}
+    name: {
+      m: _mean_std(
+        [s["per_class"][name][m] if name in s["per_class"] else math.nan for s in summaries]
+      )
+      for m in METRICS
+    }
+    for name in names
+  }
   return {
-      "folds": [f.name for f in folds],
-      "mean_dice": _mean_std([s["mean_dice"] for s in summaries]),
-      "mean_nsd": _mean_std([s["mean_nsd"] for s in summaries]),
-      "per_class": per_class,
-      "per_fold": [{"fold": f.name, "mean_dice": s["mean_dice"], "mean_nsd": s["mean_nsd"]}
-                   for f, s in zip(folds, summaries)],
+    "folds": [f.name for f in folds],
+    "mean_dice": _mean_std([s["mean_dice"] for s in summaries]),
+    "mean_nsd": _mean_std([s["mean_nsd"] for s in summaries]),
+    "per_class": per_class,
+    "per_fold": [
+      {"fold": f.name, "mean_dice": s["mean_dice"], "mean_nsd": s["mean_nsd"]}
+      for f, s in zip(folds, summaries)
+    ],
   }
 
 
@@ -495,8 +548,17 @@ def write_cv_summary(cv: dict, exp_dir: str | Path) -> tuple[Path, Path]:
   w.writerow(["class", *(f"{m}_{k}" for m in METRICS for k in ("mean", "std"))])
   for name, s in cv["per_class"].items():
     w.writerow([name, *(_fmt_csv(s[m][k]) for m in METRICS for k in ("mean", "std"))])
-  w.writerow(["mean", _fmt_csv(cv["mean_dice"]["mean"]), _fmt_csv(cv["mean_dice"]["std"]),
-              _fmt_csv(cv["mean_nsd"]["mean"]), _fmt_csv(cv["mean_nsd"]["std"]), "nan", "nan"])
+  w.writerow(
+    [
+      "mean",
+      _fmt_csv(cv["mean_dice"]["mean"]),
+      _fmt_csv(cv["mean_dice"]["std"]),
+      _fmt_csv(cv["mean_nsd"]["mean"]),
+      _fmt_csv(cv["mean_nsd"]["std"]),
+      "nan",
+      "nan",
+    ]
+  )
   path_csv, path_json = exp_dir / "cv_summary.csv", exp_dir / "cv_summary.json"
   write_text_atomic(path_csv, buf.getvalue())
   write_json_atomic(path_json, _json_safe(cv))
@@ -506,8 +568,11 @@ def write_cv_summary(cv: dict, exp_dir: str | Path) -> tuple[Path, Path]:
 def format_cv_table(cv: dict) -> str:
   def ms(d, prec=4):
     return f"{d['mean']:.{prec}f} +- {d['std']:.{prec}f}"
-  lines = [f"{len(cv['folds'])} folds: {', '.join(cv['folds'])}",
-           f"{'class':<24}{'dice':>18}{'nsd':>18}{'hd95':>18}"]
+
+  lines = [
+    f"{len(cv['folds'])} folds: {', '.join(cv['folds'])}",
+    f"{'class':<24}{'dice':>18}{'nsd':>18}{'hd95':>18}",
+  ]
   for name, s in cv["per_class"].items():
     lines.append(f"{name:<24}{ms(s['dice']):>18}{ms(s['nsd']):>18}{ms(s['hd95'], 2):>18}")
   lines.append(f"{'mean':<24}{ms(cv['mean_dice']):>18}{ms(cv['mean_nsd']):>18}")
@@ -516,24 +581,32 @@ def format_cv_table(cv: dict) -> str:
 
 # ---------------------------------------------------------------------------- command line
 
+
 def _define_flags():
   # Defined only when run as a program, so importing this module adds no global flags.
   from absl import flags
+
   flags.DEFINE_string("pred_dir", None, "Folder of predicted label maps (.nii.gz).")
   flags.DEFINE_string("ref_dir", None, "Folder of reference labels (FLARE22 labels/ or labelsTr/).")
   flags.DEFINE_string("tolerances", "flare22", "NSD tolerances: 'flare22' (per-organ table) or mm.")
   flags.DEFINE_string("dataset_json", None, "nnU-Net dataset.json for class names (optional).")
-  flags.DEFINE_string("output", None, "summary.json path (default PRED_DIR/summary.json); "
-                      "the CSV goes beside it.")
-  flags.DEFINE_bool("chill", False, "Score only cases with a prediction (default: a reference "
-                    "without a prediction is an error).")
-  flags.DEFINE_string("cv", None, "Experiment dir: gather fold*/eval/summary.json into "
-                      "cv_summary.json/.csv.")
+  flags.DEFINE_string(
+    "output", None, "summary.json path (default PRED_DIR/summary.json); the CSV goes beside it."
+  )
+  flags.DEFINE_bool(
+    "chill",
+    False,
+    "Score only cases with a prediction (default: a reference without a prediction is an error).",
+  )
+  flags.DEFINE_string(
+    "cv", None, "Experiment dir: gather fold*/eval/summary.json into cv_summary.json/.csv."
+  )
   return flags.FLAGS
 
 
 def main(argv: list[str]) -> int:
   from absl import flags
+
   FLAGS = flags.FLAGS
   try:
     if len(argv) > 1:
@@ -547,8 +620,9 @@ def main(argv: list[str]) -> int:
     if not FLAGS.pred_dir or not FLAGS.ref_dir:
       raise DataError("pass --pred_dir and --ref_dir (or --cv=EXPERIMENT_DIR)")
     names = class_names_from_dataset_json(FLAGS.dataset_json) if FLAGS.dataset_json else None
-    summary = evaluate_folder(FLAGS.pred_dir, FLAGS.ref_dir, names, FLAGS.tolerances,
-                              chill=FLAGS.chill)
+    summary = evaluate_folder(
+      FLAGS.pred_dir, FLAGS.ref_dir, names, FLAGS.tolerances, chill=FLAGS.chill
+    )
     output = FLAGS.output or str(Path(FLAGS.pred_dir) / "summary.json")
     path_json, path_csv = write_summary(summary, output)
     print(format_table(summary))
@@ -561,5 +635,6 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
   from absl import app
+
   _define_flags()
   app.run(main)

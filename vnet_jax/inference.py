@@ -1,4 +1,5 @@
-"""Sliding-window inference (nnU-Net / MONAI style): Gaussian-weighted overlapping windows, mirror TTA.
+"""Sliding-window inference (nnU-Net / MONAI style): Gaussian-weighted overlapping windows,
+mirror TTA.
 
 A volume of any size is tiled into windows of the training patch size. Windows are run in
 fixed-size groups of `(num_devices, windows_per_device)` through one `jax.pmap`'d function, so
@@ -13,7 +14,8 @@ probabilities or uint8 labels) and the float32 accumulator only ever spans one w
 """
 
 import itertools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,11 +28,13 @@ ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 # All 8 subsets of the spatial axes of a (N, D, H, W, C) batch: the mirror TTA flips.
 MIRROR_AXES: tuple[tuple[int, ...], ...] = tuple(
-    axes for r in range(4) for axes in itertools.combinations((1, 2, 3), r))
+  axes for r in range(4) for axes in itertools.combinations((1, 2, 3), r)
+)
 
 
-def gaussian_importance_map(window: Sequence[int], sigma_scale: float = 1 / 8,
-                            floor: float = 1e-4) -> np.ndarray:
+def gaussian_importance_map(
+  window: Sequence[int], sigma_scale: float = 1 / 8, floor: float = 1e-4
+) -> np.ndarray:
   """Separable Gaussian over a window, max 1, sigma = window * sigma_scale per axis.
 
   Centred at (size - 1) / 2 rather than nnU-Net's size // 2 so the map is mirror-symmetric: a
@@ -73,7 +77,9 @@ def axis_starts(size: int, window: int, overlap: float = 0.5) -> list[int]:
   return [int(np.round(actual_step * i)) for i in range(num_steps)]
 
 
-def window_starts(shape: Sequence[int], window: Sequence[int], overlap: float = 0.5) -> list[tuple[int, int, int]]:
+def window_starts(
+  shape: Sequence[int], window: Sequence[int], overlap: float = 0.5
+) -> list[tuple[int, int, int]]:
   """All window corners for a (D, H, W) shape at least as large as the window, D-major order.
 
   D-major order is what the slab accumulation relies on: all windows with one D start come
@@ -84,7 +90,9 @@ def window_starts(shape: Sequence[int], window: Sequence[int], overlap: float = 
   return list(itertools.product(*per_axis))
 
 
-def _pad_to_window(volume: np.ndarray, window: tuple[int, ...]) -> tuple[np.ndarray, list[tuple[int, int]]]:
+def _pad_to_window(
+  volume: np.ndarray, window: tuple[int, ...]
+) -> tuple[np.ndarray, list[tuple[int, int]]]:
   """Pads D, H, W up to the window with 0 (the mean after z-scoring, as nnU-Net), centred."""
   pads = []
   for size, w in zip(volume.shape[:3], window):
@@ -111,9 +119,18 @@ class SlidingWindowPredictor:
     sigma_scale: Gaussian sigma as a fraction of the window size.
   """
 
-  def __init__(self, apply_fn: ApplyFn, variables: Any, window: Sequence[int], num_classes: int,
-               overlap: float = 0.5, windows_per_device: int = 1, tta: bool = False,
-               devices: Sequence[jax.Device] | None = None, sigma_scale: float = 1 / 8):
+  def __init__(
+    self,
+    apply_fn: ApplyFn,
+    variables: Any,
+    window: Sequence[int],
+    num_classes: int,
+    overlap: float = 0.5,
+    windows_per_device: int = 1,
+    tta: bool = False,
+    devices: Sequence[jax.Device] | None = None,
+    sigma_scale: float = 1 / 8,
+  ):
     self.window = tuple(int(w) for w in window)
     if len(self.window) != 3 or min(self.window) < 1:
       raise ValueError(f"window must be three positive sizes, got {window}")
@@ -150,7 +167,9 @@ class SlidingWindowPredictor:
 
       if tta:
         # Sequential flips (not one 8x batch) keep device memory at one window batch.
-        p = sum(jnp.flip(probs(jnp.flip(x, axes)), axes) if axes else probs(x) for axes in MIRROR_AXES)
+        p = sum(
+          jnp.flip(probs(jnp.flip(x, axes)), axes) if axes else probs(x) for axes in MIRROR_AXES
+        )
         p = p / len(MIRROR_AXES)
       else:
         p = probs(x)
@@ -161,7 +180,9 @@ class SlidingWindowPredictor:
 
   # ----------------------------------------------------------------------------- accumulation
 
-  def _accumulate(self, volume: np.ndarray, emit: Callable[[int, np.ndarray, np.ndarray], None]) -> None:
+  def _accumulate(
+    self, volume: np.ndarray, emit: Callable[[int, np.ndarray, np.ndarray], None]
+  ) -> None:
     """Runs every window of `volume` (already >= window) and hands finished D-slabs to `emit`.
 
     `emit(d0, acc, weight)` gets rows [d0, d0 + len(acc)) of the volume as the float32
@@ -182,25 +203,25 @@ class SlidingWindowPredictor:
         # Windows arrive in D-major order, so rows before ds are complete: emit and slide.
         done = ds - lo
         emit(lo, acc[:done], weight[:done])
-        acc[:wd - done] = acc[done:]
-        weight[:wd - done] = weight[done:]
-        acc[wd - done:] = 0
-        weight[wd - done:] = 0
+        acc[: wd - done] = acc[done:]
+        weight[: wd - done] = weight[done:]
+        acc[wd - done :] = 0
+        weight[wd - done :] = 0
         lo = ds
-      acc[:, hs:hs + wh, ws:ws + ww] += window_probs
-      weight[:, hs:hs + wh, ws:ws + ww] += self.gaussian
+      acc[:, hs : hs + wh, ws : ws + ww] += window_probs
+      weight[:, hs : hs + wh, ws : ws + ww] += self.gaussian
 
     group = self.group_size
     batch_shape = (self.num_devices, self.windows_per_device, wd, wh, ww, C)
     pending = None  # (device result, starts): fetched after the next group is dispatched
     for g0 in range(0, len(starts), group):
-      group_starts = starts[g0:g0 + group]
+      group_starts = starts[g0 : g0 + group]
       # The last group is padded with copies of its last window (results dropped), so every
       # call has the same shape and the compiled function is reused.
       padded = group_starts + [group_starts[-1]] * (group - len(group_starts))
       x = np.empty(batch_shape, np.float32).reshape(group, wd, wh, ww, C)
       for i, (ds, hs, ws) in enumerate(padded):
-        x[i] = volume[ds:ds + wd, hs:hs + wh, ws:ws + ww]
+        x[i] = volume[ds : ds + wd, hs : hs + wh, ws : ws + ww]
       result = self._step(self._variables, self._gaussian, x.reshape(batch_shape))
       if pending is not None:
         self._consume(pending, add)
@@ -215,8 +236,13 @@ class SlidingWindowPredictor:
     for i, start in enumerate(group_starts):
       add(out[i], start)
 
-  def _run(self, volume: np.ndarray, finish: Callable[[np.ndarray, np.ndarray], np.ndarray],
-           out_dtype, out_channels: tuple[int, ...]) -> np.ndarray:
+  def _run(
+    self,
+    volume: np.ndarray,
+    finish: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    out_dtype,
+    out_channels: tuple[int, ...],
+  ) -> np.ndarray:
     volume = np.asarray(volume)
     if volume.ndim != 4:
       raise ValueError(f"volume must be (D, H, W, C), got shape {volume.shape}")
@@ -234,7 +260,7 @@ class SlidingWindowPredictor:
         return
       rows = slice(r0 - d0, r1 - d0)
       crop = (rows, slice(ph, ph + shape[1]), slice(pw, pw + shape[2]))
-      out[r0 - pd:r1 - pd] = finish(acc[crop], weight[crop])
+      out[r0 - pd : r1 - pd] = finish(acc[crop], weight[crop])
 
     self._accumulate(padded, emit)
     return out
@@ -243,8 +269,12 @@ class SlidingWindowPredictor:
 
   def predict_probabilities(self, volume: np.ndarray, dtype=np.float16) -> np.ndarray:
     """(D, H, W, C) volume -> (D, H, W, num_classes) softmax probabilities in `dtype`."""
-    return self._run(volume, lambda acc, w: (acc / w[..., None]).astype(dtype), np.dtype(dtype),
-                     (self.num_classes,))
+    return self._run(
+      volume,
+      lambda acc, w: (acc / w[..., None]).astype(dtype),
+      np.dtype(dtype),
+      (self.num_classes,),
+    )
 
   def predict_labels(self, volume: np.ndarray) -> np.ndarray:
     """(D, H, W, C) volume -> (D, H, W) uint8 argmax labels."""
@@ -254,11 +284,27 @@ class SlidingWindowPredictor:
     return self._run(volume, lambda acc, w: np.argmax(acc, axis=-1).astype(np.uint8), np.uint8, ())
 
 
-def sliding_window_inference(apply_fn: ApplyFn, variables: Any, volume: np.ndarray, window: Sequence[int],
-                             num_classes: int, overlap: float = 0.5, tta: bool = False,
-                             windows_per_device: int = 1, devices: Sequence[jax.Device] | None = None,
-                             dtype=np.float16) -> np.ndarray:
+def sliding_window_inference(
+  apply_fn: ApplyFn,
+  variables: Any,
+  volume: np.ndarray,
+  window: Sequence[int],
+  num_classes: int,
+  overlap: float = 0.5,
+  tta: bool = False,
+  windows_per_device: int = 1,
+  devices: Sequence[jax.Device] | None = None,
+  dtype=np.float16,
+) -> np.ndarray:
   """One-off probabilities for one volume; build a SlidingWindowPredictor to reuse the compile."""
-  predictor = SlidingWindowPredictor(apply_fn, variables, window, num_classes, overlap=overlap,
-                                     windows_per_device=windows_per_device, tta=tta, devices=devices)
+  predictor = SlidingWindowPredictor(
+    apply_fn,
+    variables,
+    window,
+    num_classes,
+    overlap=overlap,
+    windows_per_device=windows_per_device,
+    tta=tta,
+    devices=devices,
+  )
   return predictor.predict_probabilities(volume, dtype=dtype)

@@ -32,15 +32,21 @@ def _softmax_fwd(logits):
 
 def _softmax_bwd(probs, grad):
   # HIGHEST keeps GPUs from summing in TF32.
-  class_sum = lax.dot_general(probs * grad, jnp.ones(probs.shape[-1:], probs.dtype),
-                              (((probs.ndim - 1,), (0,)), ((), ())), precision=lax.Precision.HIGHEST)
+  class_sum = lax.dot_general(
+    probs * grad,
+    jnp.ones(probs.shape[-1:], probs.dtype),
+    (((probs.ndim - 1,), (0,)), ((), ())),
+    precision=lax.Precision.HIGHEST,
+  )
   return (probs * (grad - class_sum[..., None]),)
 
 
 softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
-def dice_loss(probs, onehot, class_weights=None, smooth: float = 1e-5, axis_name: str | None = None):
+def dice_loss(
+  probs, onehot, class_weights=None, smooth: float = 1e-5, axis_name: str | None = None
+):
   """1 - mean_c(w_c * (2 tp_c + s) / (2 tp_c + fp_c + fn_c + s)), sums over batch and space.
 
   Under pmap, `axis_name` sums tp/fp/fn over every device's share of the batch, so the loss
@@ -48,8 +54,11 @@ def dice_loss(probs, onehot, class_weights=None, smooth: float = 1e-5, axis_name
   """
   probs = probs.astype(jnp.float32)
   onehot = onehot.astype(jnp.float32)
-  sums = (jnp.sum(onehot * probs, axis=_SPATIAL_AND_BATCH), jnp.sum(probs, axis=_SPATIAL_AND_BATCH),
-          jnp.sum(onehot, axis=_SPATIAL_AND_BATCH))
+  sums = (
+    jnp.sum(onehot * probs, axis=_SPATIAL_AND_BATCH),
+    jnp.sum(probs, axis=_SPATIAL_AND_BATCH),
+    jnp.sum(onehot, axis=_SPATIAL_AND_BATCH),
+  )
   if axis_name is not None:
     sums = lax.psum(sums, axis_name)
   tp, sum_p, sum_g = sums
@@ -72,8 +81,17 @@ def focal_loss(probs, onehot, alpha: float = 0.25, gamma: float = 2.0):
   return jnp.sum(jnp.sum(g, axis=-1) * -alpha * (1.0 - p) ** gamma * jnp.log(p)) / g.size
 
 
-def total_loss(probs, onehot, class_weights=None, focal_weight: float = 1.0, smooth: float = 1e-5,
-               alpha: float = 0.25, gamma: float = 2.0, axis_name: str | None = None):
+def total_loss(
+  probs,
+  onehot,
+  class_weights=None,
+  focal_weight: float = 1.0,
+  smooth: float = 1e-5,
+  alpha: float = 0.25,
+  gamma: float = 2.0,
+  axis_name: str | None = None,
+):
   """Dice + focal_weight * focal, the seed's total loss."""
-  return (dice_loss(probs, onehot, class_weights, smooth, axis_name)
-          + focal_weight * focal_loss(probs, onehot, alpha, gamma))
+  return dice_loss(probs, onehot, class_weights, smooth, axis_name) + focal_weight * focal_loss(
+    probs, onehot, alpha, gamma
+  )

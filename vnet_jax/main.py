@@ -1,52 +1,103 @@
 r"""Train or evaluate a VNet on one fold: `python -m vnet_jax.main --experiment=flare22 --fold=2`.
 
-Any config field can be overridden: `--config.num_steps=200 --config.model.filters=8,16,32,64,64`.
-Re-running the same command resumes from the latest checkpoint in the workdir.
+--experiment names a config shipped with the package (vnet_jax/experiments/NAME.py: flare22, seed,
+demo) or is the path of your own config file (a module with `get_config()`). Any config field can
+be overridden: `--config.num_steps=200 --config.model.filters=8,16,32,64,64`. Flags may come from
+a --flagfile. Re-running the same command resumes from the latest checkpoint in the workdir.
 """
 
 import os
 import sys
+from importlib import resources
 from pathlib import Path
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+from vnet_jax import cli
+from vnet_jax.errors import DataError
 
-
-def _experiment_from_argv(argv: list[str], default: str = "flare22") -> str:
-  # The config file flag must exist before flags are parsed, so --experiment is read early.
-  for i, arg in enumerate(argv):
-    if arg.startswith("--experiment="):
-      return arg.split("=", 1)[1]
-    if arg == "--experiment" and i + 1 < len(argv):
-      return argv[i + 1]
-  return default
-
-
-_EXPERIMENT_NAME = _experiment_from_argv(sys.argv)
-flags.DEFINE_string("experiment", "flare22", "Experiment module in experiments/ (its get_config()).")
-config_flags.DEFINE_config_file("config", str(EXPERIMENTS_DIR / f"{_EXPERIMENT_NAME}.py"),
-                                "Experiment config; override fields with --config.FIELD=VALUE.")
+flags.DEFINE_string(
+  "experiment",
+  "flare22",
+  "A config shipped with the package (flare22, seed, demo: vnet_jax/experiments/NAME.py) or the "
+  "path of your own config file with a get_config().",
+)
 flags.DEFINE_string("fold", "0", "Validation fold index, or 'all' to train on every case.")
 flags.DEFINE_string("workdir", None, "Output directory (default runs/<experiment>/fold<K>).")
 flags.DEFINE_string("data_dir", None, "Dataset directory (overrides config.data.data_dir).")
-flags.DEFINE_enum("mode", "train", ["train", "eval"], "train (resumes automatically) or eval (best checkpoint).")
+flags.DEFINE_enum(
+  "mode", "train", ["train", "eval"], "train (resumes automatically) or eval (best checkpoint)."
+)
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 FLAGS = flags.FLAGS
 
 
+def experiment_path(experiment: str) -> Path:
+  """The config file of a shipped experiment's name, or the user's own file's path."""
+  if experiment.endswith(".py") or os.sep in experiment:
+    path = Path(experiment)
+  else:
+    path = Path(str(resources.files("vnet_jax.experiments") / f"{experiment}.py"))
+  if not path.is_file():
+    shipped = sorted(
+      p.stem
+      for p in Path(str(resources.files("vnet_jax.experiments"))).glob("*.py")
+      if not p.stem.startswith("_") and p.stem != "base"
+    )
+    raise DataError(
+      f"--experiment={experiment}: no config file {path} (shipped: {', '.join(shipped)}; "
+      f"or give the path of your own .py file)"
+    )
+  return path
+
+
+def _experiment_in(argv: list[str]) -> str:
+  """The last --experiment in argv (as absl takes the last), or the flag's default."""
+  experiment = FLAGS["experiment"].default
+  for i, arg in enumerate(argv):
+    if arg.startswith("--experiment="):
+      experiment = arg.split("=", 1)[1]
+    elif arg == "--experiment" and i + 1 < len(argv):
+      experiment = argv[i + 1]
+  return experiment
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Defines --config from --experiment (flag files expanded first), then parses every flag."""
+  argv = [argv[0], *FLAGS.read_flags_from_files(argv[1:], force_gnu=False)]
+  try:
+    path = experiment_path(_experiment_in(argv))
+  except DataError as e:
+    sys.exit(f"error: {e}")
+  config_flags.DEFINE_config_file(
+    "config",
+    str(path),
+    "The experiment's config; override fields with --config.FIELD=VALUE.",
+    sys_argv=argv,
+  )
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    sys.exit(f"error: {e}\nPass --help for the flags.")
+
+
 def _maybe_initialize_distributed() -> None:
-  """jax.distributed.initialize before any JAX computation, from flags or the scheduler's environment."""
+  """jax.distributed.initialize before any JAX computation, from flags or the scheduler's
+  environment."""
   env = os.environ
   import jax
+
   # Lets CPU processes run cross-host collectives (tests on loopback); the GPU backend ignores it.
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if FLAGS.coordinator_address or FLAGS.num_processes:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    jax.distributed.initialize(
+      coordinator_address=FLAGS.coordinator_address,
+      num_processes=FLAGS.num_processes,
+      process_id=FLAGS.process_id,
+    )
   elif int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
     jax.distributed.initialize()  # JAX reads SLURM / Open MPI variables itself
 
@@ -54,26 +105,17 @@ def _maybe_initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not (EXPERIMENTS_DIR / f"{FLAGS.experiment}.py").exists():
-    sys.exit(f"--experiment={FLAGS.experiment}: no experiments/{FLAGS.experiment}.py")
-  if not FLAGS["verbosity"].present:  # Orbax and Grain log every save and read at INFO
-    logging.set_verbosity(logging.WARNING)
   _maybe_initialize_distributed()
-  from vnet_jax import checkpoint, train
-  from vnet_jax.data import DataError
+  from vnet_jax import train
 
   config = FLAGS.config
   if FLAGS.data_dir:
     config.data.data_dir = FLAGS.data_dir
   fold = FLAGS.fold if FLAGS.fold == "all" else int(FLAGS.fold)
-  workdir = Path(FLAGS.workdir or f"runs/{FLAGS.experiment}/fold{fold}")
-  try:
-    train.train_and_evaluate(config, workdir, fold=fold, mode=FLAGS.mode)
-  except (DataError, train.TrainingError, checkpoint.CheckpointError) as e:
-    sys.exit(f"error: {e}")
+  name = Path(FLAGS.experiment).stem
+  workdir = Path(FLAGS.workdir or f"runs/{name}/fold{fold}")
+  train.train_and_evaluate(config, workdir, fold=fold, mode=FLAGS.mode)
 
 
 if __name__ == "__main__":
-  from vnet_jax import runtime  # pylint: disable=g-import-not-at-top
-  runtime.exec_with_huge_pages()
-  app.run(main)
+  cli.run(main, flags_parser=parse_flags)

@@ -1,6 +1,6 @@
 """Training-time metrics (the seed's Keras metrics) and the seed's class weights. All jit-able."""
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +9,8 @@ _SPATIAL_AND_BATCH = (0, 1, 2, 3)
 
 
 def accuracy(probs, onehot):
-  """Fraction of voxels whose argmax class matches the one-hot target (Keras categorical accuracy)."""
+  """Fraction of voxels whose argmax class matches the one-hot target (Keras categorical
+  accuracy)."""
   return jnp.mean((jnp.argmax(probs, -1) == jnp.argmax(onehot, -1)).astype(jnp.float32))
 
 
@@ -25,7 +26,9 @@ def iou_score(probs, onehot, threshold: float = 0.5, smooth: float = 1e-5):
 
 def confusion_matrix(pred_labels, true_labels, num_classes: int):
   """(num_classes, num_classes) counts; rows are true classes, columns predicted (Keras order)."""
-  index = true_labels.astype(jnp.int32).ravel() * num_classes + pred_labels.astype(jnp.int32).ravel()
+  index = (
+    true_labels.astype(jnp.int32).ravel() * num_classes + pred_labels.astype(jnp.int32).ravel()
+  )
   counts = jnp.bincount(index, length=num_classes * num_classes)
   return counts.reshape(num_classes, num_classes).astype(jnp.float32)
 
@@ -46,7 +49,8 @@ def mean_iou(pred_labels, true_labels, num_classes: int):
 
 
 def dice_per_class(pred_labels, true_labels, num_classes: int):
-  """Hard Dice per class, shape (num_classes,); 1.0 where a class is absent from both (FLARE22 rule)."""
+  """Hard Dice per class, shape (num_classes,); 1.0 where a class is absent from both
+  (FLARE22 rule)."""
   tp, fp, fn = _overlaps(pred_labels, true_labels, num_classes)
   denom = 2 * tp + fp + fn
   return jnp.where(denom > 0, 2 * tp / jnp.where(denom > 0, denom, 1.0), 1.0)

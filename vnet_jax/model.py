@@ -1,7 +1,8 @@
 """The seed's 3D VNet as a Flax linen module: residual blocks, four downsamplings, skip concats."""
 
 import contextlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -41,9 +42,12 @@ def _slicewise_bwd(residuals, dy):
 
   def add_slice(dw, slices):
     image, grad = slices
-    cols = jnp.concatenate([image[a:a + h, b:b + width] for a in range(kh) for b in range(kw)], axis=-1)
-    return dw + lax.dot_general(cols, grad, (((0, 1), (0, 1)), ((), ())),
-                                preferred_element_type=jnp.float32), None
+    cols = jnp.concatenate(
+      [image[a : a + h, b : b + width] for a in range(kh) for b in range(kw)], axis=-1
+    )
+    return dw + lax.dot_general(
+      cols, grad, (((0, 1), (0, 1)), ((), ())), preferred_element_type=jnp.float32
+    ), None
 
   dw, _ = lax.scan(add_slice, jnp.zeros((kh * kw * c, o), jnp.float32), (padded, dy))
   return dx, dw.reshape(w.shape).astype(w.dtype)
@@ -78,8 +82,9 @@ def _stored_once(y):
   (an optimization barrier is removed before fusion). 64^3 step: fastest steps 5-8% faster,
   scratch memory 675 -> 541 MB (docs/performance.md). The gradient passes through unchanged.
   """
-  return jnp.take(y, jnp.arange(y.shape[1]), axis=1, mode="clip", unique_indices=True,
-                  indices_are_sorted=True)
+  return jnp.take(
+    y, jnp.arange(y.shape[1]), axis=1, mode="clip", unique_indices=True, indices_are_sorted=True
+  )
 
 
 _stored_once.defvjp(lambda y: (_stored_once(y), None), lambda _, g: (g,))
@@ -100,13 +105,15 @@ def depth_split_conv(x, kernel):
   n, d, h, w, c = x.shape
   padded = jnp.pad(x, ((0, 0), (k // 2, k // 2), (0, 0), (0, 0), (0, 0)))
   if c < o:
-    stacked = jnp.concatenate([padded[:, i:i + d] for i in range(k)], axis=-1).reshape(n * d, h, w, k * c)
+    stacked = jnp.concatenate([padded[:, i : i + d] for i in range(k)], axis=-1).reshape(
+      n * d, h, w, k * c
+    )
     taps = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, k * c, o)
     return _conv2d(stacked, taps).reshape(n, d, h, w, o)
   taps = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(kh, kw, c, k * o)
   conv2d = _conv2d_slicewise_kernel_grad if h * w >= _slicewise_min_voxels else _conv2d
   y = conv2d(padded.reshape(n * (d + k - 1), h, w, c), taps).reshape(n, d + k - 1, h, w, k * o)
-  return _stored_once(sum(y[:, i:i + d, :, :, i * o:(i + 1) * o] for i in range(k)))
+  return _stored_once(sum(y[:, i : i + d, :, :, i * o : (i + 1) * o] for i in range(k)))
 
 
 def resolve_conv_impl(impl: str) -> str:
@@ -127,7 +134,9 @@ class Down2(nn.Module):
   @nn.compact
   def __call__(self, x):
     n, d, h, w, c = x.shape
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, 2, c, self.features), jnp.float32)
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(), (2, 2, 2, c, self.features), jnp.float32
+    )
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     blocks = x.astype(self.dtype).reshape(n, d // 2, 2, h // 2, 2, w // 2, 2, c)
     y = jnp.einsum("nxaybzcf,abcfo->nxyzo", blocks, kernel.astype(self.dtype))
@@ -143,8 +152,9 @@ class Up2(nn.Module):
   @nn.compact
   def __call__(self, x):
     n, d, h, w, _ = x.shape
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (2, 2, 2, x.shape[-1], self.features),
-                        jnp.float32)
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(), (2, 2, 2, x.shape[-1], self.features), jnp.float32
+    )
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     # lax.conv_transpose's convention: output offset a within each 2-block uses kernel[1 - a].
     taps = jnp.transpose(kernel[::-1, ::-1, ::-1], (3, 0, 1, 2, 4)).reshape(-1, 8 * self.features)
@@ -169,8 +179,9 @@ class Conv3D(nn.Module):
     k = self.kernel_size
     if k % 2 == 0:
       raise ValueError(f"kernel_size must be odd for 'SAME' padding, got {k}")
-    kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, k, x.shape[-1], self.features),
-                        jnp.float32)
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(), (k, k, k, x.shape[-1], self.features), jnp.float32
+    )
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     if k == 1:
@@ -178,7 +189,9 @@ class Conv3D(nn.Module):
     elif self.impl == "depth_split":
       y = depth_split_conv(x, kernel)
     else:
-      y = lax.conv_general_dilated(x, kernel, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+      y = lax.conv_general_dilated(
+        x, kernel, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+      )
     return y + bias.astype(self.dtype)
 
 
@@ -202,8 +215,13 @@ class ResidualBlock(nn.Module):
     for i in range(2):
       y = conv(self.features, self.kernel_size)(y)
       if self.batch_norm:
-        y = nn.BatchNorm(use_running_average=not train, momentum=0.9, axis_name=self.bn_axis_name,
-                         dtype=self.dtype, param_dtype=jnp.float32)(y)
+        y = nn.BatchNorm(
+          use_running_average=not train,
+          momentum=0.9,
+          axis_name=self.bn_axis_name,
+          dtype=self.dtype,
+          param_dtype=jnp.float32,
+        )(y)
       if i == 0:
         y = nn.relu(y)
     return nn.relu(y + shortcut)
@@ -224,8 +242,12 @@ class VNet(nn.Module):
   batch_norm: bool = True
   dropout_rate: float = 0.1
   downsample: str = "conv"  # "conv" (2x2x2 stride-2 conv) or "maxpool"
-  bn_axis_name: str | None = None  # pmap axis name: synchronises BatchNorm statistics across devices
-  conv_impl: str = "auto"  # "native", "depth_split" (fast on CPU) or "auto"; same parameters and numbers
+  bn_axis_name: str | None = (
+    None  # pmap axis name: synchronises BatchNorm statistics across devices
+  )
+  conv_impl: str = (
+    "auto"  # "native", "depth_split" (fast on CPU) or "auto"; same parameters and numbers
+  )
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -238,7 +260,9 @@ class VNet(nn.Module):
     if self.downsample not in ("conv", "maxpool"):
       raise ValueError(f"downsample must be 'conv' or 'maxpool', got {self.downsample!r}")
     impl = resolve_conv_impl(self.conv_impl)
-    block = lambda f: ResidualBlock(f, self.kernel_size, self.batch_norm, self.bn_axis_name, impl, self.dtype)
+    block = lambda f: ResidualBlock(
+      f, self.kernel_size, self.batch_norm, self.bn_axis_name, impl, self.dtype
+    )
     dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
 
     x = x.astype(self.dtype)

@@ -21,7 +21,8 @@ import numpy as np
 from absl import app, flags
 
 from vnet_jax import checkpoint, inference, runtime, train
-from vnet_jax.data import DataError, layouts, preprocess
+from vnet_jax.data import layouts, preprocess
+from vnet_jax.errors import DataError, UserError
 
 
 class Predictor:
@@ -33,7 +34,9 @@ class Predictor:
       self.config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
       self.plan = json.loads((workdir / "plan.json").read_text())
     except FileNotFoundError as e:
-      raise DataError(f"{e.filename}: missing; is {workdir} the workdir of a training run?") from None
+      raise DataError(
+        f"{e.filename}: missing; is {workdir} the workdir of a training run?"
+      ) from None
     self.class_names = {int(k): v for k, v in self.plan["class_names"].items()}
     model = train.build_model(self.config, len(self.class_names), self.plan["num_channels"])
     manager = checkpoint.make_manager(workdir, read_only=True)
@@ -41,9 +44,14 @@ class Predictor:
     state = checkpoint.restore(manager, self.step, train.create_train_state(self.config, model))
     inf = self.config.inference
     self.window = inference.SlidingWindowPredictor(
-        lambda v, x: model.apply(v, x, train=False), {"params": state.params, "batch_stats": state.batch_stats},
-        window=tuple(self.config.patch_size), num_classes=len(self.class_names), overlap=inf.overlap,
-        tta=inf.tta if tta is None else tta, windows_per_device=inf.windows_per_device)
+      lambda v, x: model.apply(v, x, train=False),
+      {"params": state.params, "batch_stats": state.batch_stats},
+      window=tuple(self.config.patch_size),
+      num_classes=len(self.class_names),
+      overlap=inf.overlap,
+      tta=inf.tta if tta is None else tta,
+      windows_per_device=inf.windows_per_device,
+    )
 
   def predict_case(self, case: layouts.Case) -> tuple[np.ndarray, dict, dict[str, float]]:
     """Returns (uint8 labels on the original voxel grid, meta, seconds per stage)."""
@@ -59,8 +67,13 @@ class Predictor:
     return labels, meta, times
 
 
-def predict_path(workdir: str | Path, input_path: str | Path, output_dir: str | Path, which: str = "best",
-                 tta: bool | None = None) -> list[str]:
+def predict_path(
+  workdir: str | Path,
+  input_path: str | Path,
+  output_dir: str | Path,
+  which: str = "best",
+  tta: bool | None = None,
+) -> list[str]:
   """Predicts every case under input_path; returns the one-line errors of the cases that failed."""
   cases = layouts.discover_images(input_path)
   predictor = Predictor(workdir, which, tta)
@@ -77,8 +90,11 @@ def predict_path(workdir: str | Path, input_path: str | Path, output_dir: str | 
       preprocess.write_labels_nifti(tmp, labels, meta, nib.load(case.image_files[0]).header)
       tmp.replace(out)  # a killed run never leaves a truncated prediction under the final name
       stages = ", ".join(f"{k} {v:.1f}s" for k, v in times.items())
-      print(f"[{i}/{len(cases)}] {case.case_id}: {time.perf_counter() - start:.1f}s ({stages}) -> {out}",
-            flush=True)
+      print(
+        f"[{i}/{len(cases)}] {case.case_id}: {time.perf_counter() - start:.1f}s ({stages})"
+        f" -> {out}",
+        flush=True,
+      )
     except DataError as e:
       errors.append(str(e))
       print(f"[{i}/{len(cases)}] error: {e}", file=sys.stderr, flush=True)
@@ -91,7 +107,7 @@ def main(argv):
   f = flags.FLAGS
   try:
     errors = predict_path(f.workdir, f.input, f.output, f.checkpoint, True if f.tta else None)
-  except (DataError, checkpoint.CheckpointError) as e:
+  except UserError as e:
     sys.exit(f"error: {e}")
   if errors:
     sys.exit(f"{len(errors)} case(s) failed")
@@ -99,9 +115,16 @@ def main(argv):
 
 if __name__ == "__main__":
   runtime.exec_with_huge_pages()
-  flags.DEFINE_string("workdir", None, "Workdir of a training run (config.json, plan.json, checkpoints/).", required=True)
+  flags.DEFINE_string(
+    "workdir",
+    None,
+    "Workdir of a training run (config.json, plan.json, checkpoints/).",
+    required=True,
+  )
   flags.DEFINE_string("input", None, "A NIfTI file or a folder of them.", required=True)
   flags.DEFINE_string("output", None, "Output folder for <case>.nii.gz.", required=True)
-  flags.DEFINE_string("checkpoint", "best", "best (validation mean Dice), latest, or a step number.")
+  flags.DEFINE_string(
+    "checkpoint", "best", "best (validation mean Dice), latest, or a step number."
+  )
   flags.DEFINE_bool("tta", False, "Mirror test-time augmentation over the three axes (8x slower).")
   app.run(main)

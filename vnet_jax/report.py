@@ -34,8 +34,9 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 from urllib.parse import quote
 
 import matplotlib
@@ -48,7 +49,7 @@ from matplotlib import patheffects  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from vnet_jax.data import DataError  # noqa: E402
+from vnet_jax.errors import DataError, one_line  # noqa: E402
 from vnet_jax.files import write_text_atomic  # noqa: E402
 
 PLOTS_DIR = "plots"
@@ -67,6 +68,7 @@ _PALETTE = tuple(matplotlib.colormaps["tab20"].colors[i] for i in _TAB20_ORDER)
 
 # ---------------------------------------------------------------------------- inputs
 
+
 def class_color(class_id: int) -> tuple[float, float, float]:
   """Fixed RGB colour of a foreground class id (ids past the palette wrap around)."""
   return tuple(_PALETTE[(int(class_id) - 1) % len(_PALETTE)])
@@ -79,11 +81,6 @@ def _num(x: Any) -> float:
   if isinstance(x, bool) or not isinstance(x, (int, float)):
     raise TypeError(f"expected a number or null, got {x!r}")
   return float(x)
-
-
-def _one_line(e: BaseException) -> str:
-  text = " ".join(str(e).split())
-  return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def read_jsonl(path: str | Path) -> tuple[list[dict], int]:
@@ -114,18 +111,29 @@ def read_summary(path: str | Path) -> dict:
   path = Path(path)
   try:
     raw = json.loads(path.read_text(encoding="utf-8"))
-    per_class = {str(name): {m: _num(v.get(m)) for m in METRICS}
-                 for name, v in raw["per_class"].items()}
-    per_case = [{"case": str(c["case"]),
-                 "per_class": {str(name): {m: _num(v.get(m)) for m in METRICS}
-                               for name, v in c["per_class"].items()}}
-                for c in raw.get("per_case") or []]
-    return {"step": raw.get("step"), "mean_dice": _num(raw["mean_dice"]),
-            "mean_nsd": _num(raw.get("mean_nsd")), "per_class": per_class, "per_case": per_case}
+    per_class = {
+      str(name): {m: _num(v.get(m)) for m in METRICS} for name, v in raw["per_class"].items()
+    }
+    per_case = [
+      {
+        "case": str(c["case"]),
+        "per_class": {
+          str(name): {m: _num(v.get(m)) for m in METRICS} for name, v in c["per_class"].items()
+        },
+      }
+      for c in raw.get("per_case") or []
+    ]
+    return {
+      "step": raw.get("step"),
+      "mean_dice": _num(raw["mean_dice"]),
+      "mean_nsd": _num(raw.get("mean_nsd")),
+      "per_class": per_class,
+      "per_case": per_case,
+    }
   except FileNotFoundError:
     raise DataError(f"{path}: summary file does not exist") from None
   except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-    raise DataError(f"{path}: unreadable summary ({_one_line(e)})") from None
+    raise DataError(f"{path}: unreadable summary ({one_line(e)})") from None
 
 
 def _class_ids(names: Iterable[str], plan: Mapping | None) -> dict[str, int]:
@@ -146,6 +154,7 @@ def _class_ids(names: Iterable[str], plan: Mapping | None) -> dict[str, int]:
 
 
 # ---------------------------------------------------------------------------- plots
+
 
 def _save(fig, path: Path) -> Path:
   # Written beside and renamed, so a browser showing the report never loads half a PNG.
@@ -174,18 +183,23 @@ def _empty(ax, text: str) -> None:
   ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
 
 
-def plot_training_curves(metrics: Sequence[Mapping], history: Sequence[Mapping],
-                         out_path: str | Path,
-                         class_ids: Mapping[str, int] | None = None) -> Path:
+def plot_training_curves(
+  metrics: Sequence[Mapping],
+  history: Sequence[Mapping],
+  out_path: str | Path,
+  class_ids: Mapping[str, int] | None = None,
+) -> Path:
   """Four panels over training steps: losses, accuracy and IoU, learning rate, validation Dice.
 
   metrics: metrics.jsonl records; history: eval/history.jsonl records (either may be empty).
   class_ids: class name -> id for the per-organ validation Dice colours.
   """
   fig, axes = plt.subplots(2, 2, figsize=(13, 8), layout="constrained", sharex=True)
-  panels = ((axes[0, 0], "Training losses", ("loss", "dice_loss", "focal_loss")),
-            (axes[0, 1], "Training accuracy and IoU", ("accuracy", "iou")),
-            (axes[1, 0], "Learning rate", ("learning_rate",)))
+  panels = (
+    (axes[0, 0], "Training losses", ("loss", "dice_loss", "focal_loss")),
+    (axes[0, 1], "Training accuracy and IoU", ("accuracy", "iou")),
+    (axes[1, 0], "Learning rate", ("learning_rate",)),
+  )
   for ax, title, keys in panels:
     ax.set_title(title)
     drawn = False
@@ -211,16 +225,26 @@ def plot_training_curves(metrics: Sequence[Mapping], history: Sequence[Mapping],
     ids = class_ids or {n: i + 1 for i, n in enumerate(names)}
     for name in names:
       # Thin per-organ lines in the overlay colours show which organs lag behind the mean.
-      steps = [r["step"] for r in history if isinstance((r.get("per_class") or {}).get(name),
-                                                        (int, float))]
-      vals = [r["per_class"][name] for r in history
-              if isinstance((r.get("per_class") or {}).get(name), (int, float))]
+      steps = [
+        r["step"] for r in history if isinstance((r.get("per_class") or {}).get(name), (int, float))
+      ]
+      vals = [
+        r["per_class"][name]
+        for r in history
+        if isinstance((r.get("per_class") or {}).get(name), (int, float))
+      ]
       if steps:
         ax.plot(steps, vals, lw=0.8, alpha=0.6, color=class_color(ids.get(name, 1)), label=name)
     ax.plot(x, y, color="black", lw=2.2, marker="o", ms=3, label="mean")
     best = int(np.argmax(y))
-    ax.annotate(f"best {y[best]:.4f} @ {x[best]:g}", (x[best], y[best]), textcoords="offset points",
-                xytext=(0, 8), ha="center", fontsize=8)
+    ax.annotate(
+      f"best {y[best]:.4f} @ {x[best]:g}",
+      (x[best], y[best]),
+      textcoords="offset points",
+      xytext=(0, 8),
+      ha="center",
+      fontsize=8,
+    )
     ax.set_ylim(0, 1.05)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
@@ -231,8 +255,9 @@ def plot_training_curves(metrics: Sequence[Mapping], history: Sequence[Mapping],
   return _save(fig, Path(out_path))
 
 
-def plot_dice_per_class(summary: Mapping, out_path: str | Path,
-                        class_ids: Mapping[str, int] | None = None) -> Path:
+def plot_dice_per_class(
+  summary: Mapping, out_path: str | Path, class_ids: Mapping[str, int] | None = None
+) -> Path:
   """Per-organ Dice over the validation cases: box plot, the cases as dots, the class mean.
 
   summary: as returned by `read_summary`. The mean marker is the summary's per-class Dice (the
@@ -242,43 +267,67 @@ def plot_dice_per_class(summary: Mapping, out_path: str | Path,
   ids = class_ids or {n: i + 1 for i, n in enumerate(names)}
   values = []
   for name in names:
-    v = [c["per_class"][name]["dice"] for c in summary.get("per_case", [])
-         if name in c["per_class"]]
+    v = [
+      c["per_class"][name]["dice"] for c in summary.get("per_case", []) if name in c["per_class"]
+    ]
     values.append(np.asarray([d for d in v if math.isfinite(d)], np.float64))
   fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(names) + 2.0), 5), layout="constrained")
   pos = np.arange(1, len(names) + 1)
   has = [i for i, v in enumerate(values) if v.size]
   if has:
-    bp = ax.boxplot([values[i] for i in has], positions=pos[has], widths=0.6, patch_artist=True,
-                    showfliers=False, medianprops={"color": "black"})
+    bp = ax.boxplot(
+      [values[i] for i in has],
+      positions=pos[has],
+      widths=0.6,
+      patch_artist=True,
+      showfliers=False,
+      medianprops={"color": "black"},
+    )
     for box, i in zip(bp["boxes"], has):
       box.set_facecolor((*class_color(ids[names[i]]), 0.35))
     rng = np.random.default_rng(0)  # fixed jitter: the same summary gives the same picture
     for i in has:
       jitter = rng.uniform(-0.15, 0.15, values[i].size)
-      ax.scatter(pos[i] + jitter, values[i], s=14, color=class_color(ids[names[i]]),
-                 edgecolors="black", linewidths=0.4, zorder=3)
+      ax.scatter(
+        pos[i] + jitter,
+        values[i],
+        s=14,
+        color=class_color(ids[names[i]]),
+        edgecolors="black",
+        linewidths=0.4,
+        zorder=3,
+      )
   means = [summary["per_class"][n]["dice"] for n in names]
-  ax.scatter(pos, means, marker="D", s=40, color="white", edgecolors="black", zorder=4,
-             label="class mean")
+  ax.scatter(
+    pos, means, marker="D", s=40, color="white", edgecolors="black", zorder=4, label="class mean"
+  )
   if math.isfinite(summary["mean_dice"]):
-    ax.axhline(summary["mean_dice"], color="0.3", ls="--", lw=1,
-               label=f"mean Dice {summary['mean_dice']:.4f}")
+    ax.axhline(
+      summary["mean_dice"],
+      color="0.3",
+      ls="--",
+      lw=1,
+      label=f"mean Dice {summary['mean_dice']:.4f}",
+    )
   ax.set_xticks(pos, names, rotation=40, ha="right")
   ax.set_xlim(0.4, len(names) + 0.6)
   ax.set_ylim(-0.02, 1.05)
   ax.set_ylabel("Dice")
   n_cases = len(summary.get("per_case", []))
   step = summary.get("step")
-  ax.set_title(f"Validation Dice per class ({n_cases} case{'s' if n_cases != 1 else ''}"
-               + (f", step {step}" if step is not None else "") + ")")
+  ax.set_title(
+    f"Validation Dice per class ({n_cases} case{'s' if n_cases != 1 else ''}"
+    + (f", step {step}" if step is not None else "")
+    + ")"
+  )
   ax.grid(axis="y", alpha=0.3)
   ax.legend(fontsize=8, loc="lower left")
   return _save(fig, Path(out_path))
 
 
-def select_slices(reference: np.ndarray, prediction: np.ndarray | None = None
-                  ) -> tuple[int, int, int]:
+def select_slices(
+  reference: np.ndarray, prediction: np.ndarray | None = None
+) -> tuple[int, int, int]:
   """(k, j, i): axial, coronal and sagittal slice indices of a (D, H, W) label volume.
 
   Per axis, the slice through the most organs: each class scores its area in the slice
@@ -313,8 +362,11 @@ def select_slices(reference: np.ndarray, prediction: np.ndarray | None = None
 
 
 # view name, fixed axis, (row, column) spacing axes, (top, bottom, left, right) edge letters
-_VIEWS = (("axial", 0, (1, 2), "APRL"), ("coronal", 1, (0, 2), "SIRL"),
-          ("sagittal", 2, (0, 1), "SIAP"))
+_VIEWS = (
+  ("axial", 0, (1, 2), "APRL"),
+  ("coronal", 1, (0, 2), "SIRL"),
+  ("sagittal", 2, (0, 1), "SIAP"),
+)
 
 
 def _view(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
@@ -332,10 +384,16 @@ def _outline(ax, mask: np.ndarray, color, linestyle: str) -> None:
   ax.contour(xs, ys, padded, levels=[0.5], colors=[color], linestyles=[linestyle], linewidths=1.4)
 
 
-def plot_overlay(image: np.ndarray, reference: np.ndarray, prediction: np.ndarray,
-                 out_path: str | Path, class_names: Mapping[int, str] | None = None,
-                 spacing: Sequence[float] = (1.0, 1.0, 1.0), title: str = "",
-                 slices: Sequence[int] | None = None) -> Path:
+def plot_overlay(
+  image: np.ndarray,
+  reference: np.ndarray,
+  prediction: np.ndarray,
+  out_path: str | Path,
+  class_names: Mapping[int, str] | None = None,
+  spacing: Sequence[float] = (1.0, 1.0, 1.0),
+  title: str = "",
+  slices: Sequence[int] | None = None,
+) -> Path:
   """Axial, coronal and sagittal slices: image in grey, reference outlines solid, prediction dashed.
 
   image: (D, H, W) or (D, H, W, C) (channel 0 is shown), windowed to its 1st-99th percentiles.
@@ -348,8 +406,10 @@ def plot_overlay(image: np.ndarray, reference: np.ndarray, prediction: np.ndarra
     image = image[..., 0]
   reference, prediction = np.asarray(reference), np.asarray(prediction)
   if not image.shape == reference.shape == prediction.shape:
-    raise ValueError(f"image {image.shape}, reference {reference.shape} and prediction "
-                     f"{prediction.shape} must be on one (D, H, W) grid")
+    raise ValueError(
+      f"image {image.shape}, reference {reference.shape} and prediction "
+      f"{prediction.shape} must be on one (D, H, W) grid"
+    )
   class_names = dict(class_names or {})
   spacing = tuple(float(s) for s in spacing)
   slices = tuple(slices) if slices is not None else select_slices(reference, prediction)
@@ -366,8 +426,9 @@ def plot_overlay(image: np.ndarray, reference: np.ndarray, prediction: np.ndarra
   heights = [image.shape[rows] * spacing[rows] for _, _, (rows, _), _ in _VIEWS]
   fig_w = 14.0
   fig_h = min(9.0, max(3.5, fig_w * max(heights) / sum(widths) + 1.6))
-  fig, axes = plt.subplots(1, 3, figsize=(fig_w, fig_h), layout="constrained",
-                           gridspec_kw={"width_ratios": widths})
+  fig, axes = plt.subplots(
+    1, 3, figsize=(fig_w, fig_h), layout="constrained", gridspec_kw={"width_ratios": widths}
+  )
   shown: set[int] = set()
   for ax, (name, axis, (rows, cols), letters), index in zip(axes, _VIEWS, slices):
     img = _view(image, axis, index).astype(np.float32)
@@ -387,21 +448,40 @@ def plot_overlay(image: np.ndarray, reference: np.ndarray, prediction: np.ndarra
     ax.set_title(f"{name} {'zyx'[axis]}={index}", fontsize=10)
     for (x, y), letter in zip(((0.5, 0.98), (0.5, 0.02), (0.02, 0.5), (0.98, 0.5)), letters):
       # Dark halo: the letters stay legible on bright bone as on air.
-      ax.text(x, y, letter, transform=ax.transAxes, color="yellow", fontsize=9, fontweight="bold",
-              ha="center", va="center",
-              path_effects=[patheffects.withStroke(linewidth=2, foreground="black")])
-  handles = [Line2D([], [], color=class_color(c), lw=3, label=class_names.get(c, f"class {c}"))
-             for c in sorted(shown)]
-  handles += [Line2D([], [], color="black", lw=1.4, ls="solid", label="reference"),
-              Line2D([], [], color="black", lw=1.4, ls=(0, (3, 2)), label="prediction")]
-  fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 8), fontsize=8,
-             frameon=False)
+      ax.text(
+        x,
+        y,
+        letter,
+        transform=ax.transAxes,
+        color="yellow",
+        fontsize=9,
+        fontweight="bold",
+        ha="center",
+        va="center",
+        path_effects=[patheffects.withStroke(linewidth=2, foreground="black")],
+      )
+  handles = [
+    Line2D([], [], color=class_color(c), lw=3, label=class_names.get(c, f"class {c}"))
+    for c in sorted(shown)
+  ]
+  handles += [
+    Line2D([], [], color="black", lw=1.4, ls="solid", label="reference"),
+    Line2D([], [], color="black", lw=1.4, ls=(0, (3, 2)), label="prediction"),
+  ]
+  fig.legend(
+    handles=handles,
+    loc="outside lower center",
+    ncol=min(len(handles), 8),
+    fontsize=8,
+    frameon=False,
+  )
   if title:
     fig.suptitle(title, fontsize=11)
   return _save(fig, Path(out_path))
 
 
 # ---------------------------------------------------------------------------- the report
+
 
 def _safe_name(case: str) -> str:
   # Case ids come from file names, but a report file name must not leave plots/.
@@ -427,12 +507,18 @@ def _read_plan(path: Path, notes: list[str]) -> dict | None:
       raise TypeError("not a JSON object")
     return plan
   except (OSError, ValueError, TypeError) as e:
-    notes.append(f"{path.name} unreadable ({_one_line(e)}): overlays skipped")
+    notes.append(f"{path.name} unreadable ({one_line(e)}): overlays skipped")
     return None
 
 
-def _make_overlays(workdir: Path, plots: Path, plan: dict | None, summary: dict | None,
-                   class_ids: Mapping[str, int], notes: list[str]) -> list[tuple[str, str]]:
+def _make_overlays(
+  workdir: Path,
+  plots: Path,
+  plan: dict | None,
+  summary: dict | None,
+  class_ids: Mapping[str, int],
+  notes: list[str],
+) -> list[tuple[str, str]]:
   """[(case, png name)] of the overlays written; reasons for anything skipped go to notes."""
   pred_dir = workdir / "eval" / "predictions"
   files = {p.stem: p for p in pred_dir.glob("*.npz")} if pred_dir.is_dir() else {}
@@ -449,6 +535,7 @@ def _make_overlays(workdir: Path, plots: Path, plan: dict | None, summary: dict 
     notes.append(f"cache directory {cache_dir} no longer exists: overlays skipped")
     return []
   from vnet_jax.data.preprocess import open_cache
+
   try:
     cache = open_cache(cache_dir)
   except DataError as e:
@@ -480,7 +567,7 @@ def _make_overlays(workdir: Path, plots: Path, plan: dict | None, summary: dict 
       png = f"overlay_{_safe_name(case)}.png"
       plot_overlay(image, label, pred, plots / png, names, spacing, title)
     except (OSError, ValueError, KeyError) as e:
-      notes.append(f"{files[case].name}: overlay skipped ({_one_line(e)})")
+      notes.append(f"{files[case].name}: overlay skipped ({one_line(e)})")
       continue
     done.append((case, png))
   return done
@@ -503,8 +590,10 @@ figcaption { color: #555; font-size: 0.9em; }
 
 
 def _img(png: str, alt: str) -> str:
-  return (f'<img src="{html.escape(PLOTS_DIR + "/" + quote(png))}" '
-          f'alt="{html.escape(alt)}" loading="lazy">')
+  return (
+    f'<img src="{html.escape(PLOTS_DIR + "/" + quote(png))}" '
+    f'alt="{html.escape(alt)}" loading="lazy">'
+  )
 
 
 def _swatch(class_id: int) -> str:
@@ -516,38 +605,64 @@ def _summary_tables(summary: dict, class_ids: Mapping[str, int]) -> list[str]:
   e = html.escape
   out = ["<table>", "<tr><th>class</th><th>Dice</th><th>NSD</th><th>HD95 (mm)</th></tr>"]
   for name, s in summary["per_class"].items():
-    out.append(f"<tr><td>{_swatch(class_ids[name])}{e(name)}</td><td>{_fmt(s['dice'])}</td>"
-               f"<td>{_fmt(s['nsd'])}</td><td>{_fmt(s['hd95'], 2)}</td></tr>")
-  out.append(f'<tr class="mean"><td>mean</td><td>{_fmt(summary["mean_dice"])}</td>'
-             f'<td>{_fmt(summary["mean_nsd"])}</td><td></td></tr>')
+    out.append(
+      f"<tr><td>{_swatch(class_ids[name])}{e(name)}</td><td>{_fmt(s['dice'])}</td>"
+      f"<td>{_fmt(s['nsd'])}</td><td>{_fmt(s['hd95'], 2)}</td></tr>"
+    )
+  out.append(
+    f'<tr class="mean"><td>mean</td><td>{_fmt(summary["mean_dice"])}</td>'
+    f'<td>{_fmt(summary["mean_nsd"])}</td><td></td></tr>'
+  )
   out.append("</table>")
   if summary["per_case"]:
     names = list(summary["per_class"])
-    out += ["<h3>Dice per case</h3>", "<table>",
-            "<tr><th>case</th><th>mean</th>" + "".join(f"<th>{e(n)}</th>" for n in names)
-            + "</tr>"]
+    out += [
+      "<h3>Dice per case</h3>",
+      "<table>",
+      "<tr><th>case</th><th>mean</th>" + "".join(f"<th>{e(n)}</th>" for n in names) + "</tr>",
+    ]
     for c in summary["per_case"]:
-      cells = "".join(f"<td>{_fmt(c['per_class'][n]['dice'], 3) if n in c['per_class'] else ''}"
-                      "</td>" for n in names)
+      cells = "".join(
+        f"<td>{_fmt(c['per_class'][n]['dice'], 3) if n in c['per_class'] else ''}</td>"
+        for n in names
+      )
       out.append(f"<tr><td>{e(c['case'])}</td><td>{_fmt(_case_mean_dice(c), 3)}</td>{cells}</tr>")
     out.append("</table>")
   return out
 
 
-def _write_html(path: Path, workdir: Path, summary: dict | None, class_ids: Mapping[str, int],
-                curves: bool, dice: bool, overlays: list[tuple[str, str]],
-                notes: list[str]) -> None:
+def _write_html(
+  path: Path,
+  workdir: Path,
+  summary: dict | None,
+  class_ids: Mapping[str, int],
+  curves: bool,
+  dice: bool,
+  overlays: list[tuple[str, str]],
+  notes: list[str],
+) -> None:
   e = html.escape
   title = f"vnet_jax report: {workdir.resolve().name}"
-  parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-           f"<title>{e(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
-           f"<h1>{e(title)}</h1>", f"<p>Workdir <code>{e(str(workdir.resolve()))}</code>"]
+  parts = [
+    "<!DOCTYPE html>",
+    '<html lang="en">',
+    "<head>",
+    '<meta charset="utf-8">',
+    f"<title>{e(title)}</title>",
+    f"<style>{_CSS}</style>",
+    "</head>",
+    "<body>",
+    f"<h1>{e(title)}</h1>",
+    f"<p>Workdir <code>{e(str(workdir.resolve()))}</code>",
+  ]
   if summary is not None:
     step = summary.get("step")
-    parts[-1] += (f"; validation{f' at step {e(str(step))}' if step is not None else ''}: "
-                  f"mean Dice <b>{_fmt(summary['mean_dice'])}</b>, "
-                  f"mean NSD <b>{_fmt(summary['mean_nsd'])}</b> over "
-                  f"{len(summary['per_case'])} case(s)")
+    parts[-1] += (
+      f"; validation{f' at step {e(str(step))}' if step is not None else ''}: "
+      f"mean Dice <b>{_fmt(summary['mean_dice'])}</b>, "
+      f"mean NSD <b>{_fmt(summary['mean_nsd'])}</b> over "
+      f"{len(summary['per_case'])} case(s)"
+    )
   parts[-1] += ".</p>"
   if notes:
     parts += ['<ul class="notes">'] + [f"<li>{e(n)}</li>" for n in notes] + ["</ul>"]
@@ -556,16 +671,20 @@ def _write_html(path: Path, workdir: Path, summary: dict | None, class_ids: Mapp
   if curves:
     parts += ["<h2>Training curves</h2>", f"<figure>{_img(CURVES_PNG, 'training curves')}</figure>"]
   if dice:
-    parts += ["<h2>Dice per class</h2>",
-              f"<figure>{_img(DICE_PNG, 'Dice per class')}<figcaption>Boxes over the validation "
-              "cases (dots); diamonds: per-class mean; dashed line: mean Dice.</figcaption>"
-              "</figure>"]
+    parts += [
+      "<h2>Dice per class</h2>",
+      f"<figure>{_img(DICE_PNG, 'Dice per class')}<figcaption>Boxes over the validation "
+      "cases (dots); diamonds: per-class mean; dashed line: mean Dice.</figcaption>"
+      "</figure>",
+    ]
   if overlays:
-    parts += ["<h2>Overlays</h2>",
-              "<p>Solid outlines: reference; dashed: prediction. Radiological convention: the "
-              "patient's right is on the image's left; axial slices seen from the feet with "
-              "anterior up; coronal and sagittal with superior up, sagittal with anterior on the "
-              "left. Slices cut through the most reference organs.</p>"]
+    parts += [
+      "<h2>Overlays</h2>",
+      "<p>Solid outlines: reference; dashed: prediction. Radiological convention: the "
+      "patient's right is on the image's left; axial slices seen from the feet with "
+      "anterior up; coronal and sagittal with superior up, sagittal with anterior on the "
+      "left. Slices cut through the most reference organs.</p>",
+    ]
     for case, png in overlays:
       parts += [f"<h3>{e(case)}</h3>", f"<figure>{_img(png, f'overlay {case}')}</figure>"]
   parts += ["</body>", "</html>", ""]
@@ -598,7 +717,7 @@ def make_report(workdir: str | Path) -> Path:
     try:
       records, bad = read_jsonl(p)
     except OSError as e:
-      notes.append(f"{rel} unreadable ({_one_line(e)})")
+      notes.append(f"{rel} unreadable ({one_line(e)})")
       return []
     if bad:
       notes.append(f"{rel}: {bad} malformed line(s) skipped")
@@ -607,8 +726,9 @@ def make_report(workdir: str | Path) -> Path:
   metrics = jsonl("metrics.jsonl")
   history = jsonl("eval/history.jsonl")
   if summary is None and not metrics:
-    raise DataError(f"{workdir}: neither eval/summary.json nor metrics.jsonl; not a training "
-                    "workdir?")
+    raise DataError(
+      f"{workdir}: neither eval/summary.json nor metrics.jsonl; not a training workdir?"
+    )
   plan = _read_plan(workdir / "plan.json", notes)
   names: list[str] = list(summary["per_class"]) if summary else []
   for r in history:
@@ -634,15 +754,18 @@ def make_report(workdir: str | Path) -> Path:
 
 # ---------------------------------------------------------------------------- command line
 
+
 def _define_flags():
   # Defined only when run as a program, so importing this module adds no global flags.
   from absl import flags
+
   flags.DEFINE_string("workdir", None, "Training workdir (holds metrics.jsonl, eval/, plan.json).")
   return flags.FLAGS
 
 
 def main(argv: list[str]) -> int:
   from absl import flags
+
   FLAGS = flags.FLAGS
   try:
     if len(argv) > 1:
@@ -653,6 +776,7 @@ def main(argv: list[str]) -> int:
     summary_path = Path(FLAGS.workdir) / "eval" / "summary.json"
     if summary_path.exists():
       from vnet_jax.evaluate import format_table
+
       print(format_table(read_summary(summary_path)))
     print(f"wrote {path}")
     return 0
@@ -663,5 +787,6 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
   from absl import app
+
   _define_flags()
   app.run(main)

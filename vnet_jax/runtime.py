@@ -10,17 +10,18 @@ XLA_FLAGS already sets it (the user's choice wins).
 XLA:CPU allocates each execution's scratch memory afresh (about 700 MB for a 64^3 train step) and
 glibc maps it page by page: 180k page faults a step, 0.2 s of its 1.3 s. Backed by transparent
 huge pages they are 1k. glibc reads that setting only at start, so the command-line entry points
-re-execute themselves once with it (`exec_with_huge_pages`).
+re-execute themselves once with it (`exec_with_huge_pages`, opt out with --nohuge_pages).
 """
 
 import functools
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
+from absl import logging
 from jax.experimental import multihost_utils
 
 # Any YNN fusion type switches the convolutions to YNNPACK. REDUCE, not ELTWISE: as fast for the
@@ -39,8 +40,10 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
     x = jax.device_put(jnp.zeros(2), jax.devices(backend)[0])
     jax.jit(jnp.sin).lower(x).compile(compiler_options=_CPU_OPTIONS)
   except Exception as e:  # pylint: disable=broad-except
-    logging.warning("XLA:CPU YNNPACK fusions unavailable in this jaxlib (%s); compiling without them",
-                    " ".join(str(e).split())[:200])
+    logging.warning(
+      "XLA:CPU YNNPACK fusions unavailable in this jaxlib (%s); compiling without them",
+      " ".join(str(e).split())[:200],
+    )
     return {}
   return dict(_CPU_OPTIONS)
 
@@ -61,7 +64,10 @@ class Pmapped:
     return self._executable(*jax.tree.flatten(args))
 
   def _executable(self, leaves, treedef):
-    key = (treedef, tuple((getattr(x, "shape", None), getattr(x, "dtype", type(x))) for x in leaves))
+    key = (
+      treedef,
+      tuple((getattr(x, "shape", None), getattr(x, "dtype", type(x))) for x in leaves),
+    )
     if key not in self._executables:
       args = jax.tree.unflatten(treedef, leaves)
       self._executables[key] = self._pmapped.lower(*args).compile(compiler_options=self._options)
@@ -75,11 +81,16 @@ class Pmapped:
     # Multi-process: the executable takes and gives global arrays; pmap's callers pass and
     # expect each process's local devices' shares, which jax.pmap converts itself.
     in_shardings = jax.tree.leaves(executable.input_shardings[0])
-    global_args = [multihost_utils.host_local_array_to_global_array(x, sh.mesh, sh.spec)
-                   for x, sh in zip(leaves, in_shardings)]
+    global_args = [
+      multihost_utils.host_local_array_to_global_array(x, sh.mesh, sh.spec)
+      for x, sh in zip(leaves, in_shardings)
+    ]
     out = executable(*jax.tree.unflatten(treedef, global_args))
-    return jax.tree.map(lambda x, sh: multihost_utils.global_array_to_host_local_array(x, sh.mesh, sh.spec),
-                        out, executable.output_shardings)
+    return jax.tree.map(
+      lambda x, sh: multihost_utils.global_array_to_host_local_array(x, sh.mesh, sh.spec),
+      out,
+      executable.output_shardings,
+    )
 
 
 def pmap(fn: Callable, **pmap_kwargs) -> Pmapped:
@@ -91,16 +102,36 @@ def pmap(fn: Callable, **pmap_kwargs) -> Pmapped:
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
 
 
+# Modules whose presence means a debugger or profiler drives this process: a restart would
+# leave it behind.
+_TOOL_MODULES = ("pdb", "cProfile", "profile", "pydevd", "debugpy", "pyinstrument", "yappi")
+
+
+def under_debugger_or_profiler() -> bool:
+  return (
+    sys.gettrace() is not None
+    or sys.getprofile() is not None
+    or any(name in sys.modules for name in _TOOL_MODULES)
+  )
+
+
 def exec_with_huge_pages() -> None:
   """On Linux, re-executes this command with glibc's malloc on transparent huge pages.
 
-  Does nothing where GLIBC_TUNABLES already names the tunable (set it to 0 to opt out) or off
-  Linux; older glibc and kernels without transparent huge pages ignore it.
+  Only command-line entry points call it (`cli.run`), never an import. Does nothing where
+  GLIBC_TUNABLES already names the tunable (set it to 0 to opt out), off Linux, or under a
+  debugger or profiler; older glibc and kernels without transparent huge pages ignore it.
   """
   tunables = os.environ.get("GLIBC_TUNABLES", "")
-  if not sys.platform.startswith("linux") or HUGE_PAGES_TUNABLE in tunables:
+  if (
+    not sys.platform.startswith("linux")
+    or HUGE_PAGES_TUNABLE in tunables
+    or under_debugger_or_profiler()
+  ):
     return
-  env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, f"{HUGE_PAGES_TUNABLE}=1"])))
+  env = dict(
+    os.environ, GLIBC_TUNABLES=":".join(filter(None, [tunables, f"{HUGE_PAGES_TUNABLE}=1"]))
+  )
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, sys.orig_argv, env)

@@ -16,17 +16,14 @@ from absl import logging
 from flax import jax_utils
 from flax.training import train_state
 
-from vnet_jax import checkpoint, evaluate as scoring, inference, losses, metrics, report, runtime
-from vnet_jax.data import DataError
+from vnet_jax import checkpoint, inference, losses, metrics, report, runtime
+from vnet_jax import evaluate as scoring
 from vnet_jax.data import augment, folds, layouts, pipeline, preprocess
+from vnet_jax.errors import DataError, TrainingError
 from vnet_jax.files import write_json_atomic
 from vnet_jax.model import VNet
 
 AXIS = "batch"  # pmap axis: gradients, BatchNorm statistics and metrics are averaged over it
-
-
-class TrainingError(RuntimeError):
-  """Training cannot go on (e.g. a non-finite loss); reported as one line."""
 
 
 class TrainState(train_state.TrainState):
@@ -36,22 +33,39 @@ class TrainState(train_state.TrainState):
 
 # ---------------------------------------------------------------------------- model and optimizer
 
-def build_model(config: ml_collections.ConfigDict, num_classes: int, in_channels: int,
-                bn_axis_name: str | None = None) -> VNet:
+
+def build_model(
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  in_channels: int,
+  bn_axis_name: str | None = None,
+) -> VNet:
   m = config.model
-  return VNet(num_classes=num_classes, in_channels=in_channels, filters=tuple(m.filters),
-              kernel_size=m.kernel_size, batch_norm=m.batch_norm, dropout_rate=m.dropout_rate,
-              downsample=m.downsample, bn_axis_name=bn_axis_name, conv_impl=m.conv_impl,
-              dtype=jnp.dtype(config.compute_dtype))
+  return VNet(
+    num_classes=num_classes,
+    in_channels=in_channels,
+    filters=tuple(m.filters),
+    kernel_size=m.kernel_size,
+    batch_norm=m.batch_norm,
+    dropout_rate=m.dropout_rate,
+    downsample=m.downsample,
+    bn_axis_name=bn_axis_name,
+    conv_impl=m.conv_impl,
+    dtype=jnp.dtype(config.compute_dtype),
+  )
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   if config.lr_schedule == "constant":
     main = optax.constant_schedule(config.learning_rate)
   elif config.lr_schedule == "cosine":
-    main = optax.cosine_decay_schedule(config.learning_rate, max(config.num_steps - config.warmup_steps, 1))
+    main = optax.cosine_decay_schedule(
+      config.learning_rate, max(config.num_steps - config.warmup_steps, 1)
+    )
   else:
-    raise ValueError(f"config.lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}")
+    raise ValueError(
+      f"config.lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}"
+    )
   if config.warmup_steps <= 0:
     return main
   warmup = optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
@@ -69,8 +83,13 @@ def create_train_state(config: ml_collections.ConfigDict, model: VNet) -> TrainS
   tx = optax.adam(learning_rate_schedule(config))
   if config.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
-  return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
-                           batch_stats=variables.get("batch_stats", {}), rng=dropout_key)
+  return TrainState.create(
+    apply_fn=model.apply,
+    params=variables["params"],
+    tx=tx,
+    batch_stats=variables.get("batch_stats", {}),
+    rng=dropout_key,
+  )
 
 
 def class_weights(config: ml_collections.ConfigDict, num_classes: int) -> np.ndarray | None:
@@ -79,22 +98,36 @@ def class_weights(config: ml_collections.ConfigDict, num_classes: int) -> np.nda
     return None
   weights = np.asarray(weights, np.float32)
   if weights.shape != (num_classes,):
-    raise ValueError(f"config.loss.class_weights has {weights.size} values; the dataset has {num_classes} classes")
+    raise ValueError(
+      f"config.loss.class_weights has {weights.size} values; the dataset has {num_classes} classes"
+    )
   return weights / weights.mean() if config.loss.normalize_class_weights else weights
 
 
 # ---------------------------------------------------------------------------- the step
 
-def train_step(state: TrainState, batch: dict, *, num_classes: int, loss_config: ml_collections.ConfigDict,
-               weights: np.ndarray | None):
+
+def train_step(
+  state: TrainState,
+  batch: dict,
+  *,
+  num_classes: int,
+  loss_config: ml_collections.ConfigDict,
+  weights: np.ndarray | None,
+):
   """One optimizer step on this device's share of the global batch (run under pmap)."""
   device = jax.lax.axis_index(AXIS)
   dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device)
   onehot = jax.nn.one_hot(batch["label"], num_classes, dtype=jnp.float32)
 
   def loss_fn(params):
-    logits, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, batch["image"],
-                                     train=True, rngs={"dropout": dropout_key}, mutable=["batch_stats"])
+    logits, updates = state.apply_fn(
+      {"params": params, "batch_stats": state.batch_stats},
+      batch["image"],
+      train=True,
+      rngs={"dropout": dropout_key},
+      mutable=["batch_stats"],
+    )
     probs = losses.softmax(logits.astype(jnp.float32))
     dice = losses.dice_loss(probs, onehot, weights, loss_config.smooth, axis_name=AXIS)
     focal = losses.focal_loss(probs, onehot, loss_config.focal_alpha, loss_config.focal_gamma)
@@ -103,21 +136,35 @@ def train_step(state: TrainState, batch: dict, *, num_classes: int, loss_config:
   # pmap runs each device's program unpartitioned, so the partitionable threefry buys nothing
   # here; the classic one draws the dropout masks 3x faster on CPU (docs/performance.md).
   with jax.threefry_partitionable(False):
-    (loss, (updates, probs, dice, focal)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, (updates, probs, dice, focal)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params
+    )
   grads = jax.lax.pmean(grads, AXIS)
-  state = state.apply_gradients(grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats))
-  step_metrics = {"loss": loss, "dice_loss": dice, "focal_loss": focal,
-                  "accuracy": metrics.accuracy(probs, onehot), "iou": metrics.iou_score(probs, onehot)}
+  state = state.apply_gradients(
+    grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats)
+  )
+  step_metrics = {
+    "loss": loss,
+    "dice_loss": dice,
+    "focal_loss": focal,
+    "accuracy": metrics.accuracy(probs, onehot),
+    "iou": metrics.iou_score(probs, onehot),
+  }
   return state, jax.lax.pmean(step_metrics, AXIS)
 
 
 def make_p_train_step(config: ml_collections.ConfigDict, num_classes: int):
-  step = functools.partial(train_step, num_classes=num_classes, loss_config=config.loss,
-                           weights=class_weights(config, num_classes))
+  step = functools.partial(
+    train_step,
+    num_classes=num_classes,
+    loss_config=config.loss,
+    weights=class_weights(config, num_classes),
+  )
   return runtime.pmap(step, axis_name=AXIS, donate_argnums=(0,))
 
 
 # ---------------------------------------------------------------------------- data
+
 
 def resolve_data_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
   """The dataset directory; the demo generates a synthetic one into the workdir on first use."""
@@ -129,21 +176,29 @@ def resolve_data_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
     data_dir = Path(config.data.data_dir)
   if not data_dir.exists() and config.data.synthetic_cases > 0:
     from vnet_jax.data import synthetic
+
     logging.info("generating %d synthetic cases in %s", config.data.synthetic_cases, data_dir)
-    synthetic.write_dataset(data_dir, config.data.synthetic_cases, seed=config.seed,
-                            shape=config.data.synthetic_size)
+    synthetic.write_dataset(
+      data_dir, config.data.synthetic_cases, seed=config.seed, shape=config.data.synthetic_size
+    )
   elif not data_dir.exists():
     raise DataError(
-        f"{data_dir}: dataset not found; download FLARE22Train.zip from Zenodo record 7860267 and unzip it "
-        f"there (or pass --data_dir), or run the synthetic demo with ./run.sh")
+      f"{data_dir}: dataset not found; download FLARE22Train.zip from Zenodo record 7860267 "
+      f"and unzip it there (or pass --data_dir), or run the synthetic demo with ./run.sh"
+    )
   return data_dir
 
 
 def preprocess_settings(config: ml_collections.ConfigDict) -> preprocess.PreprocessSettings:
   d = config.data
   return preprocess.PreprocessSettings(
-      target_spacing=d.target_spacing, normalization=d.normalization, ct_window=d.ct_window,
-      crop_to_nonzero=d.crop_to_nonzero, image_dtype=d.image_dtype, label_map=d.label_map)
+    target_spacing=d.target_spacing,
+    normalization=d.normalization,
+    ct_window=d.ct_window,
+    crop_to_nonzero=d.crop_to_nonzero,
+    image_dtype=d.image_dtype,
+    label_map=d.label_map,
+  )
 
 
 def cache_root(config: ml_collections.ConfigDict) -> Path:
@@ -153,27 +208,37 @@ def cache_root(config: ml_collections.ConfigDict) -> Path:
 
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: Path, fold: int | str):
-  """Validates, preprocesses (cached) and splits the dataset; returns (cache, train ids, val ids)."""
+  """Validates, preprocesses (cached) and splits the dataset; returns (cache, train ids, val
+  ids)."""
   data_dir = resolve_data_dir(config, workdir)
   dataset = layouts.discover_dataset(data_dir)
   # Fold arguments are checked before the slow part; prepare_dataset checks every header itself.
   folds.check_num_folds(len(dataset.cases), config.num_folds, str(data_dir))
   folds.parse_fold(fold, config.num_folds, str(data_dir))
-  prepare = lambda: preprocess.prepare_dataset(dataset, preprocess_settings(config), cache_root(config),
-                                               num_workers=config.data.preprocess_workers,
-                                               progress=jax.process_index() == 0)
+  prepare = lambda: preprocess.prepare_dataset(
+    dataset,
+    preprocess_settings(config),
+    cache_root(config),
+    num_workers=config.data.preprocess_workers,
+    progress=jax.process_index() == 0,
+  )
   if jax.process_count() > 1:
     # Process 0 fills a shared cache first; the others then find it complete (or, without a
     # shared filesystem, build their own copy) instead of racing on the same files.
     from jax.experimental import multihost_utils
+
     cache = prepare() if jax.process_index() == 0 else None
     multihost_utils.sync_global_devices("vnet_jax preprocessing")
     cache = cache or prepare()
   else:
     cache = prepare()
-  user_splits = [data_dir / n for n in ("splits.json", "splits_final.json") if (data_dir / n).exists()]
+  user_splits = [
+    data_dir / n for n in ("splits.json", "splits_final.json") if (data_dir / n).exists()
+  ]
   splits_path = user_splits[0] if user_splits else cache.dir / "splits.json"
-  splits = folds.load_or_create_splits(splits_path, cache.case_ids, config.num_folds, config.split_seed)
+  splits = folds.load_or_create_splits(
+    splits_path, cache.case_ids, config.num_folds, config.split_seed
+  )
   folds.write_splits(workdir / "splits.json", splits)
   train_ids, val_ids = folds.select_fold(splits, fold, cache.case_ids)
   return cache, train_ids, val_ids
@@ -183,23 +248,33 @@ def class_names(config: ml_collections.ConfigDict, cache) -> dict[int, str]:
   if config.data.class_names is None:
     return dict(cache.class_names)
   if len(config.data.class_names) != cache.num_classes:
-    raise DataError(f"config.data.class_names has {len(config.data.class_names)} names; the preprocessed "
-                    f"labels have {cache.num_classes} classes")
+    raise DataError(
+      f"config.data.class_names has {len(config.data.class_names)} names; the preprocessed "
+      f"labels have {cache.num_classes} classes"
+    )
   return dict(enumerate(config.data.class_names))
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, cache, train_ids):
   aug = augment.AugmentConfig.from_dict(config.augment)
   dataset = pipeline.make_train_dataset(
-      cache.dir, train_ids, patch_size=tuple(config.patch_size),
-      per_device_batch=config.per_device_batch_size, num_local_devices=jax.local_device_count(),
-      seed=config.seed, aug=aug, foreground_fraction=config.data.foreground_fraction,
-      process_index=jax.process_index(), process_count=jax.process_count(),
-      num_workers=config.data.loader_workers)
+    cache.dir,
+    train_ids,
+    patch_size=tuple(config.patch_size),
+    per_device_batch=config.per_device_batch_size,
+    num_local_devices=jax.local_device_count(),
+    seed=config.seed,
+    aug=aug,
+    foreground_fraction=config.data.foreground_fraction,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    num_workers=config.data.loader_workers,
+  )
   return iter(dataset)
 
 
 # ---------------------------------------------------------------------------- validation
+
 
 def nsd_tolerances(config: ml_collections.ConfigDict, names: dict[int, str]) -> dict[int, float]:
   """FLARE22's per-organ tolerances when the classes are FLARE22's organs, else one value in mm."""
@@ -209,9 +284,17 @@ def nsd_tolerances(config: ml_collections.ConfigDict, names: dict[int, str]) -> 
   return {c: float(config.inference.nsd_tolerance_mm) for c in foreground}
 
 
-def validate(config: ml_collections.ConfigDict, model: VNet, variables: dict, cache, val_ids,
-             names: dict[int, str], predictions_dir: Path | None = None) -> dict:
-  """Sliding-window prediction of each validation volume, scored like FLARE22 at the working spacing.
+def validate(
+  config: ml_collections.ConfigDict,
+  model: VNet,
+  variables: dict,
+  cache,
+  val_ids,
+  names: dict[int, str],
+  predictions_dir: Path | None = None,
+) -> dict:
+  """Sliding-window prediction of each validation volume, scored like FLARE22 at the working
+  spacing.
 
   With predictions_dir, each case's predicted labels are kept as <case>.npz (for the report).
   """
@@ -219,9 +302,15 @@ def validate(config: ml_collections.ConfigDict, model: VNet, variables: dict, ca
   # Multi-host: each process predicts on its own devices without cross-host collectives.
   devices = jax.local_devices() if jax.process_count() == 1 else jax.local_devices()[:1]
   predictor = inference.SlidingWindowPredictor(
-      apply_fn, variables, window=tuple(config.patch_size), num_classes=len(names),
-      overlap=config.inference.overlap, tta=config.inference.tta,
-      windows_per_device=config.inference.windows_per_device, devices=devices)
+    apply_fn,
+    variables,
+    window=tuple(config.patch_size),
+    num_classes=len(names),
+    overlap=config.inference.overlap,
+    tta=config.inference.tta,
+    windows_per_device=config.inference.windows_per_device,
+    devices=devices,
+  )
   tolerances = nsd_tolerances(config, names)
   spacing = cache.plan["target_spacing"]
   scores = {}
@@ -232,12 +321,15 @@ def validate(config: ml_collections.ConfigDict, model: VNet, variables: dict, ca
       predictions_dir.mkdir(parents=True, exist_ok=True)
       np.savez_compressed(predictions_dir / f"{case_id}.npz", labels=pred)
     # Arrays are (z, y, x): the axial axis for the slice-scored vessels is axis 0.
-    by_id = scoring.evaluate_case(pred, np.asarray(label), spacing, list(tolerances), tolerances, slice_axis=0)
+    by_id = scoring.evaluate_case(
+      pred, np.asarray(label), spacing, list(tolerances), tolerances, slice_axis=0
+    )
     scores[case_id] = {names[c]: v for c, v in by_id.items()}
   return scoring.summarize(scores)
 
 
 # ---------------------------------------------------------------------------- the loop
+
 
 class MetricLog:
   """metrics.jsonl + TensorBoard; keeps per-step device metrics unfetched until a flush."""
@@ -251,6 +343,7 @@ class MetricLog:
     self.is_main = jax.process_index() == 0
     if self.is_main:
       from tensorboardX import SummaryWriter
+
       self.writer = SummaryWriter(str(workdir / "tensorboard"))
 
   def add(self, step: int, device_metrics) -> None:
@@ -263,8 +356,10 @@ class MetricLog:
     fetched = jax.device_get([jax.tree_util.tree_map(lambda x: x[0], m) for _, m in self.pending])
     for (step, _), values in zip(self.pending, fetched):
       if not np.isfinite(values["loss"]):
-        raise TrainingError(f"non-finite loss ({values['loss']}) at step {step}; the run stops here and "
-                            f"the last checkpoint before it is kept")
+        raise TrainingError(
+          f"non-finite loss ({values['loss']}) at step {step}; the run stops here and "
+          f"the last checkpoint before it is kept"
+        )
     step, values = self.pending[-1][0], fetched[-1]
     self.pending = []
     if not (log and self.is_main):
@@ -272,16 +367,24 @@ class MetricLog:
     now = time.time()
     steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
     self.last_time, self.last_step = now, step
-    record = {"step": step, **{k: float(v) for k, v in values.items()},
-              "learning_rate": float(self.schedule(step - 1)), "steps_per_s": steps_per_s}
+    record = {
+      "step": step,
+      **{k: float(v) for k, v in values.items()},
+      "learning_rate": float(self.schedule(step - 1)),
+      "steps_per_s": steps_per_s,
+    }
     with self.path.open("a") as f:
       f.write(json.dumps(record) + "\n")
     for k, v in record.items():
       if k != "step":
         self.writer.add_scalar(f"train/{k}", v, step)
     eta = (self.num_steps - step) / max(steps_per_s, 1e-9)
-    print(f"step {step}/{self.num_steps}  loss {record['loss']:.4f}  dice_loss {record['dice_loss']:.4f}  "
-          f"acc {record['accuracy']:.3f}  {steps_per_s:.2f} steps/s  ETA {eta / 60:.1f} min", flush=True)
+    print(
+      f"step {step}/{self.num_steps}  loss {record['loss']:.4f}  "
+      f"dice_loss {record['dice_loss']:.4f}  "
+      f"acc {record['accuracy']:.3f}  {steps_per_s:.2f} steps/s  ETA {eta / 60:.1f} min",
+      flush=True,
+    )
 
   def add_eval(self, step: int, summary: dict) -> None:
     if self.is_main:
@@ -289,8 +392,16 @@ class MetricLog:
       for name, v in summary["per_class"].items():
         self.writer.add_scalar(f"eval/dice/{name}", v["dice"], step)
       with (self.path.parent / "eval" / "history.jsonl").open("a") as f:
-        f.write(json.dumps({"step": step, "mean_dice": summary["mean_dice"],
-                            "per_class": {k: v["dice"] for k, v in summary["per_class"].items()}}) + "\n")
+        f.write(
+          json.dumps(
+            {
+              "step": step,
+              "mean_dice": summary["mean_dice"],
+              "per_class": {k: v["dice"] for k, v in summary["per_class"].items()},
+            }
+          )
+          + "\n"
+        )
 
   def close(self) -> None:
     if self.is_main:
@@ -302,8 +413,9 @@ def _variables(p_state: TrainState) -> dict:
   return {"params": state.params, "batch_stats": state.batch_stats}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, fold: int | str = 0,
-                       mode: str = "train") -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str | Path, fold: int | str = 0, mode: str = "train"
+) -> dict:
   """Trains on the other folds and validates on `fold` (or evaluates only, with mode='eval').
 
   Re-running the same command resumes from the latest checkpoint in WORKDIR/checkpoints.
@@ -319,11 +431,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, f
   names = class_names(config, cache)
   num_classes = len(names)
   if jax.process_index() == 0:  # all that predict needs to preprocess new scans like these
-    write_json_atomic(workdir / "plan.json", {**cache.plan, "cache_dir": str(cache.dir.absolute()),
-                                          "class_names": {str(k): v for k, v in names.items()}})
+    write_json_atomic(
+      workdir / "plan.json",
+      {
+        **cache.plan,
+        "cache_dir": str(cache.dir.absolute()),
+        "class_names": {str(k): v for k, v in names.items()},
+      },
+    )
   if jax.process_index() == 0:
-    print(f"{workdir}: fold {fold}, {len(train_ids)} training and {len(val_ids)} validation cases, "
-          f"{num_classes} classes, {jax.device_count()} device(s), cache {cache.dir}", flush=True)
+    print(
+      f"{workdir}: fold {fold}, {len(train_ids)} training and {len(val_ids)} validation cases, "
+      f"{num_classes} classes, {jax.device_count()} device(s), cache {cache.dir}",
+      flush=True,
+    )
   model = build_model(config, num_classes, cache.num_channels, bn_axis_name=AXIS)
   state = create_train_state(config, model)
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
@@ -331,7 +452,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, f
   def run_validation(variables, step):
     is_main = jax.process_index() == 0
     predictions = workdir / "eval" / "predictions" if is_main else None
-    summary = {"step": step, **validate(config, model, variables, cache, val_ids, names, predictions)}
+    summary = {
+      "step": step,
+      **validate(config, model, variables, cache, val_ids, names, predictions),
+    }
     if is_main:
       scoring.write_summary(summary, workdir / "eval" / "summary.json")
     return summary
@@ -371,8 +495,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, f
         log.add_eval(step, summary)
         print(f"step {step}: validation mean Dice {summary['mean_dice']:.4f}", flush=True)
       if do_save:
-        checkpoint.save(manager, step, jax_utils.unreplicate(p_state), train_iter,
-                        summary["mean_dice"] if do_eval else None)
+        checkpoint.save(
+          manager,
+          step,
+          jax_utils.unreplicate(p_state),
+          train_iter,
+          summary["mean_dice"] if do_eval else None,
+        )
   finally:
     manager.wait_until_finished()
     log.close()

@@ -25,6 +25,7 @@ from scipy import ndimage
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   """Probabilities (per patch) and ranges of each augmentation."""
+
   flip_prob: float = 0.5  # independently per axis in flip_axes
   flip_axes: tuple[int, ...] = (0, 1, 2)
   scale_prob: float = 0.15  # multiplicative brightness: x * f
@@ -47,8 +48,14 @@ class AugmentConfig:
     for f in dataclasses.fields(self):
       if f.name.endswith("_prob") and not 0.0 <= getattr(self, f.name) <= 1.0:
         raise ValueError(f"AugmentConfig.{f.name}={getattr(self, f.name)} is not in [0, 1]")
-    for name in ("scale_range", "contrast_range", "shift_range", "noise_variance", "gamma_range",
-                 "scaling_range"):
+    for name in (
+      "scale_range",
+      "contrast_range",
+      "shift_range",
+      "noise_variance",
+      "gamma_range",
+      "scaling_range",
+    ):
       lo, hi = getattr(self, name)
       if lo > hi:
         raise ValueError(f"AugmentConfig.{name}={getattr(self, name)}: low > high")
@@ -89,6 +96,7 @@ class SpatialTransform:
 
   `crop_shape` is the input region (centred on the patch) that covers every sampled voxel.
   """
+
   matrix: np.ndarray
   crop_shape: tuple[int, int, int]
 
@@ -105,8 +113,9 @@ def _rotation(angles: np.ndarray) -> np.ndarray:
   return mats[0] @ mats[1] @ mats[2]
 
 
-def sample_spatial(rng: np.random.Generator, cfg: AugmentConfig,
-                   patch_shape: tuple[int, int, int]) -> SpatialTransform | None:
+def sample_spatial(
+  rng: np.random.Generator, cfg: AugmentConfig, patch_shape: tuple[int, int, int]
+) -> SpatialTransform | None:
   """Draws the rotation/zoom for one patch, or None when neither is applied."""
   if not cfg.spatial:
     return None
@@ -131,23 +140,40 @@ def sample_spatial(rng: np.random.Generator, cfg: AugmentConfig,
   return SpatialTransform(matrix=matrix, crop_shape=crop)
 
 
-def apply_spatial(image: np.ndarray, label: np.ndarray, t: SpatialTransform,
-                  patch_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+def apply_spatial(
+  image: np.ndarray, label: np.ndarray, t: SpatialTransform, patch_shape: tuple[int, int, int]
+) -> tuple[np.ndarray, np.ndarray]:
   """Resamples a crop (any shape, centred on the patch) to `patch_shape`; outside reads 0."""
   c_in = (np.asarray(label.shape, np.float64) - 1) / 2
   c_out = (np.asarray(patch_shape, np.float64) - 1) / 2
   offset = c_in - t.matrix @ c_out
   out = np.empty(tuple(patch_shape) + image.shape[3:], np.float32)
   for c in range(image.shape[3]):
-    ndimage.affine_transform(image[..., c], t.matrix, offset=offset, output_shape=patch_shape,
-                             output=out[..., c], order=1, mode="constant", cval=0.0)
-  lab = ndimage.affine_transform(label, t.matrix, offset=offset, output_shape=patch_shape,
-                                 order=0, mode="constant", cval=0)
+    ndimage.affine_transform(
+      image[..., c],
+      t.matrix,
+      offset=offset,
+      output_shape=patch_shape,
+      output=out[..., c],
+      order=1,
+      mode="constant",
+      cval=0.0,
+    )
+  lab = ndimage.affine_transform(
+    label, t.matrix, offset=offset, output_shape=patch_shape, order=0, mode="constant", cval=0
+  )
   return out, lab
 
 
-def augment(image: np.ndarray, label: np.ndarray, rng: np.random.Generator, cfg: AugmentConfig,
-            *, inplace: bool = False, spatial: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def augment(
+  image: np.ndarray,
+  label: np.ndarray,
+  rng: np.random.Generator,
+  cfg: AugmentConfig,
+  *,
+  inplace: bool = False,
+  spatial: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
   """Augments one patch: image `(D, H, W, C)` float, label `(D, H, W)`.
 
   Returns float32 image and the label (same dtype). With `inplace=True` a float32 image is

@@ -9,12 +9,12 @@ so the validation numbers of that fold measure fit, not generalisation.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
-from vnet_jax.data import DataError
+from vnet_jax.errors import DataError
 from vnet_jax.files import write_json_atomic
 
 Splits = list[dict[str, list[str]]]
@@ -34,8 +34,9 @@ def parse_fold(fold: int | str, num_folds: int | None, where: str = "") -> int |
     raise DataError(f"{prefix}fold {fold!r} is not an integer or 'all'")
   fold = int(fold)
   if num_folds is not None and not 0 <= fold < num_folds:
-    raise DataError(f"{prefix}fold {fold} out of range; expected 0..{num_folds - 1} or 'all' "
-                    f"({num_folds} folds)")
+    raise DataError(
+      f"{prefix}fold {fold} out of range; expected 0..{num_folds - 1} or 'all' ({num_folds} folds)"
+    )
   return fold
 
 
@@ -44,8 +45,10 @@ def check_num_folds(num_cases: int, num_folds: int, where: str = "") -> None:
   if isinstance(num_folds, bool) or not isinstance(num_folds, (int, np.integer)) or num_folds < 2:
     raise DataError(f"{prefix}num_folds must be an integer >= 2, got {num_folds!r}")
   if num_cases < num_folds:
-    raise DataError(f"{prefix}{num_cases} case(s) but {num_folds} folds requested; "
-                    f"need at least {num_folds} cases")
+    raise DataError(
+      f"{prefix}{num_cases} case(s) but {num_folds} folds requested; "
+      f"need at least {num_folds} cases"
+    )
 
 
 def create_splits(case_ids: Iterable[str], num_folds: int = 5, seed: int = 12345) -> Splits:
@@ -64,12 +67,14 @@ def create_splits(case_ids: Iterable[str], num_folds: int = 5, seed: int = 12345
   sizes[: len(ids) % num_folds] += 1
   splits, start = [], 0
   for size in sizes:
-    val_idx = set(order[start:start + size].tolist())
+    val_idx = set(order[start : start + size].tolist())
     start += size
-    splits.append({
+    splits.append(
+      {
         "train": [ids[i] for i in range(len(ids)) if i not in val_idx],
         "val": [ids[i] for i in range(len(ids)) if i in val_idx],
-    })
+      }
+    )
   return splits
 
 
@@ -78,8 +83,9 @@ def write_splits(path: str | Path, splits: Splits) -> None:
   write_json_atomic(path, splits)
 
 
-def read_splits(path: str | Path, case_ids: Iterable[str] | None = None,
-                num_folds: int | None = None) -> Splits:
+def read_splits(
+  path: str | Path, case_ids: Iterable[str] | None = None, num_folds: int | None = None
+) -> Splits:
   """Reads and checks a splits.json; problems raise DataError naming the file."""
   path = Path(path)
   try:
@@ -92,9 +98,14 @@ def read_splits(path: str | Path, case_ids: Iterable[str] | None = None,
     raise DataError(f"{path}: expected a non-empty list of {{'train': [...], 'val': [...]}}")
   known = set(case_ids) if case_ids is not None else None
   for i, fold in enumerate(splits):
-    if (not isinstance(fold, dict) or not {"train", "val"} <= set(fold)
-        or not all(isinstance(fold[k], list) and all(isinstance(x, str) for x in fold[k])
-                   for k in ("train", "val"))):
+    if (
+      not isinstance(fold, dict)
+      or not {"train", "val"} <= set(fold)
+      or not all(
+        isinstance(fold[k], list) and all(isinstance(x, str) for x in fold[k])
+        for k in ("train", "val")
+      )
+    ):
       raise DataError(f"{path}: fold {i} is not {{'train': [ids], 'val': [ids]}}")
     if not fold["train"]:
       raise DataError(f"{path}: fold {i} has no training cases")
@@ -110,8 +121,9 @@ def read_splits(path: str | Path, case_ids: Iterable[str] | None = None,
   return [{"train": list(f["train"]), "val": list(f["val"])} for f in splits]
 
 
-def load_or_create_splits(path: str | Path, case_ids: Iterable[str], num_folds: int | None = 5,
-                          seed: int = 12345) -> Splits:
+def load_or_create_splits(
+  path: str | Path, case_ids: Iterable[str], num_folds: int | None = 5, seed: int = 12345
+) -> Splits:
   """An existing file (e.g. user-given) is used as is after checking it; otherwise splits are
   created (num_folds None -> 5) and written atomically."""
   path = Path(path)
@@ -123,8 +135,9 @@ def load_or_create_splits(path: str | Path, case_ids: Iterable[str], num_folds: 
   return splits
 
 
-def select_fold(splits: Splits, fold: int | str,
-                case_ids: Sequence[str] | None = None) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def select_fold(
+  splits: Splits, fold: int | str, case_ids: Sequence[str] | None = None
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
   """(train_ids, val_ids) of a fold. 'all': every case (`case_ids`, or the union of the splits)
   trains, and validation runs on those same cases (nnU-Net's convention)."""
   fold = parse_fold(fold, len(splits))

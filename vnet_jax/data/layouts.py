@@ -14,49 +14,62 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
-from vnet_jax.data import DataError
+from vnet_jax.errors import DataError
 
 FLARE22 = "flare22"
 NNUNET_V2 = "nnunetv2"
 
 # Background plus the 13 FLARE22 organs (label ids of the official ground truth).
 FLARE22_CLASSES: dict[int, str] = {
-    0: "background",
-    1: "liver",
-    2: "right kidney",
-    3: "spleen",
-    4: "pancreas",
-    5: "aorta",
-    6: "inferior vena cava",
-    7: "right adrenal gland",
-    8: "left adrenal gland",
-    9: "gallbladder",
-    10: "esophagus",
-    11: "stomach",
-    12: "duodenum",
-    13: "left kidney",
+  0: "background",
+  1: "liver",
+  2: "right kidney",
+  3: "spleen",
+  4: "pancreas",
+  5: "aorta",
+  6: "inferior vena cava",
+  7: "right adrenal gland",
+  8: "left adrenal gland",
+  9: "gallbladder",
+  10: "esophagus",
+  11: "stomach",
+  12: "duodenum",
+  13: "left kidney",
 }
 
 # Normalised-surface-Dice tolerance (mm) per organ, from the FLARE22 scorer (no background entry).
 FLARE22_TOLERANCES_MM: dict[int, float] = {
-    1: 5.0, 2: 3.0, 3: 3.0, 4: 5.0, 5: 2.0, 6: 2.0, 7: 2.0,
-    8: 2.0, 9: 2.0, 10: 3.0, 11: 5.0, 12: 7.0, 13: 3.0,
+  1: 5.0,
+  2: 3.0,
+  3: 3.0,
+  4: 5.0,
+  5: 2.0,
+  6: 2.0,
+  7: 2.0,
+  8: 2.0,
+  9: 2.0,
+  10: 3.0,
+  11: 5.0,
+  12: 7.0,
+  13: 3.0,
 }
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 _EXPECTED_LAYOUTS = (
-    "expected FLARE22 (images/<case>_0000.nii.gz + labels/<case>.nii.gz) or "
-    "nnU-Net v2 (dataset.json + imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz)")
+  "expected FLARE22 (images/<case>_0000.nii.gz + labels/<case>.nii.gz) or "
+  "nnU-Net v2 (dataset.json + imagesTr/<case>_0000.nii.gz + labelsTr/<case>.nii.gz)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
   """One case: its channel files in channel order and, for training data, its label file."""
+
   case_id: str
   image_files: tuple[Path, ...]
   label_file: Path | None = None
@@ -65,6 +78,7 @@ class Case:
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """A discovered dataset. `cases` are sorted by id; `class_names` include 0 (background)."""
+
   root: Path
   layout: str
   cases: tuple[Case, ...]
@@ -116,26 +130,34 @@ def _group_channels(files: Iterable[Path]) -> dict[str, dict[int, Path]]:
       raise DataError(f"{f}: image name must end in _XXXX (channel index), e.g. {stem}_0000.nii.gz")
     chans = groups.setdefault(case_id, {})
     if channel in chans:
-      raise DataError(f"{f}: duplicate file for case {case_id!r} channel {channel} "
-                      f"(also {chans[channel].name})")
+      raise DataError(
+        f"{f}: duplicate file for case {case_id!r} channel {channel} (also {chans[channel].name})"
+      )
     chans[channel] = f
   return groups
 
 
-def _ordered_channels(case_id: str, chans: dict[int, Path], num_channels: int, folder: Path,
-                      ending: str) -> tuple[Path, ...]:
+def _ordered_channels(
+  case_id: str, chans: dict[int, Path], num_channels: int, folder: Path, ending: str
+) -> tuple[Path, ...]:
   for ch in sorted(chans):
     if ch >= num_channels:
       raise DataError(f"{chans[ch]}: channel {ch} but the dataset has {num_channels} channel(s)")
   for ch in range(num_channels):
     if ch not in chans:
-      raise DataError(f"{folder / f'{case_id}_{ch:04d}{ending}'}: missing channel file "
-                      f"for case {case_id!r}")
+      raise DataError(
+        f"{folder / f'{case_id}_{ch:04d}{ending}'}: missing channel file for case {case_id!r}"
+      )
   return tuple(chans[ch] for ch in range(num_channels))
 
 
-def _pair_labels(groups: dict[str, dict[int, Path]], label_dir: Path, image_dir: Path,
-                 num_channels: int, ending: str) -> tuple[Case, ...]:
+def _pair_labels(
+  groups: dict[str, dict[int, Path]],
+  label_dir: Path,
+  image_dir: Path,
+  num_channels: int,
+  ending: str,
+) -> tuple[Case, ...]:
   if not label_dir.is_dir():
     raise DataError(f"{label_dir}: label directory missing")
   labels: dict[str, Path] = {}
@@ -152,12 +174,17 @@ def _pair_labels(groups: dict[str, dict[int, Path]], label_dir: Path, image_dir:
       raise DataError(f"{first}: image without label (expected {label_dir / (case_id + ending)})")
   for case_id in sorted(labels):
     if case_id not in groups:
-      raise DataError(f"{labels[case_id]}: label without image "
-                      f"(expected {image_dir / f'{case_id}_0000{ending}'})")
+      raise DataError(
+        f"{labels[case_id]}: label without image (expected {image_dir / f'{case_id}_0000{ending}'})"
+      )
   return tuple(
-      Case(case_id, _ordered_channels(case_id, groups[case_id], num_channels, image_dir, ending),
-           labels[case_id])
-      for case_id in sorted(groups))
+    Case(
+      case_id,
+      _ordered_channels(case_id, groups[case_id], num_channels, image_dir, ending),
+      labels[case_id],
+    )
+    for case_id in sorted(groups)
+  )
 
 
 def _read_dataset_json(path: Path) -> tuple[tuple[str, ...], dict[int, str], str]:
@@ -177,14 +204,17 @@ def _read_dataset_json(path: Path) -> tuple[tuple[str, ...], dict[int, str], str
   except (TypeError, ValueError):
     raise DataError(f"{path}: 'channel_names' keys must be channel indices 0, 1, ...") from None
   if [i for i, _ in idx] != list(range(len(idx))):
-    raise DataError(f"{path}: 'channel_names' keys must be 0..{len(idx) - 1}, "
-                    f"got {[i for i, _ in idx]}")
+    raise DataError(
+      f"{path}: 'channel_names' keys must be 0..{len(idx) - 1}, got {[i for i, _ in idx]}"
+    )
   channel_names = tuple(n for _, n in idx)
   class_names: dict[int, str] = {}
   for name, value in spec["labels"].items():
     if isinstance(value, bool) or not isinstance(value, int):
-      raise DataError(f"{path}: label {name!r} has value {value!r}; only integer labels are "
-                      "supported (no region-based training)")
+      raise DataError(
+        f"{path}: label {name!r} has value {value!r}; only integer labels are "
+        "supported (no region-based training)"
+      )
     if value in class_names:
       raise DataError(f"{path}: labels {class_names[value]!r} and {name!r} share value {value}")
     if not 0 <= value <= 255:
@@ -220,12 +250,11 @@ def discover_dataset(path: str | Path) -> Dataset:
     num_channels = max((max(ch) + 1 for ch in groups.values()), default=1)
     ending = split_nifti_name(files[0].name)[1] if files else ".nii.gz"
     cases = _pair_labels(groups, root / "labels", image_dir, num_channels, ending)
-    channel_names = ("CT",) if num_channels == 1 else tuple(
-        f"channel{i}" for i in range(num_channels))
+    channel_names = (
+      ("CT",) if num_channels == 1 else tuple(f"channel{i}" for i in range(num_channels))
+    )
     return Dataset(root, FLARE22, cases, channel_names, dict(FLARE22_CLASSES))
   raise DataError(f"{root}: unknown dataset layout; {_EXPECTED_LAYOUTS}")
-
-
 
 
 def discover_images(path: str | Path) -> list[Case]:
@@ -261,8 +290,9 @@ def discover_images(path: str | Path) -> list[Case]:
     chans = groups.setdefault(m.group("case"), {})
     ch = int(m.group("channel"))
     if ch in chans:
-      raise DataError(f"{f}: duplicate file for case {m.group('case')!r} channel {ch} "
-                      f"(also {chans[ch].name})")
+      raise DataError(
+        f"{f}: duplicate file for case {m.group('case')!r} channel {ch} (also {chans[ch].name})"
+      )
     chans[ch] = f
   cases = []
   for case_id, f in plain.items():

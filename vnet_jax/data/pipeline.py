@@ -47,9 +47,9 @@ from typing import Any
 import grain
 import numpy as np
 
-from vnet_jax.data import DataError
 from vnet_jax.data import augment as augment_lib
 from vnet_jax.data.augment import AugmentConfig
+from vnet_jax.errors import DataError
 
 FG_FILE = "fg_locations.npz"
 FG_MAX_PER_CLASS = 10_000
@@ -61,8 +61,9 @@ def _case_dir(cache_dir: Path, case_id: str) -> Path:
   return cache_dir / "cases" / case_id
 
 
-def load_case(cache_dir: str | Path, case_id: str, *, mmap: bool = True
-              ) -> tuple[np.ndarray, np.ndarray]:
+def load_case(
+  cache_dir: str | Path, case_id: str, *, mmap: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
   """(image (D, H, W, C) float32|float16, label (D, H, W)) of a cached case; DataError if bad."""
   d = _case_dir(Path(cache_dir), case_id)
   arrays = []
@@ -76,16 +77,19 @@ def load_case(cache_dir: str | Path, case_id: str, *, mmap: bool = True
       raise DataError(f"{path}: unreadable ({e})") from None
   image, label = arrays
   if image.ndim != 4 or image.dtype not in (np.float32, np.float16):
-    raise DataError(f"{d / 'image.npy'}: expected (D, H, W, C) float32|float16, "
-                    f"got {image.shape} {image.dtype}")
+    raise DataError(
+      f"{d / 'image.npy'}: expected (D, H, W, C) float32|float16, got {image.shape} {image.dtype}"
+    )
   if label.shape != image.shape[:3] or not np.issubdtype(label.dtype, np.integer):
-    raise DataError(f"{d / 'label.npy'}: expected integer {image.shape[:3]}, "
-                    f"got {label.shape} {label.dtype}")
+    raise DataError(
+      f"{d / 'label.npy'}: expected integer {image.shape[:3]}, got {label.shape} {label.dtype}"
+    )
   return image, label
 
 
-def compute_foreground_locations(label: np.ndarray, max_per_class: int = FG_MAX_PER_CLASS
-                                 ) -> dict[int, np.ndarray]:
+def compute_foreground_locations(
+  label: np.ndarray, max_per_class: int = FG_MAX_PER_CLASS
+) -> dict[int, np.ndarray]:
   """{class id: (n, 3) int32 voxel coordinates}, up to `max_per_class` per class (nnU-Net)."""
   flat = np.asarray(label).reshape(-1)
   idx = np.flatnonzero(flat)
@@ -110,8 +114,14 @@ class CaseSource:
   as `fg_locations.npz` (written to a temporary name, then renamed) for other workers and runs.
   """
 
-  def __init__(self, cache_dir: str | Path, case_ids: Sequence[str], *, max_open: int = 64,
-               write_foreground_cache: bool = True):
+  def __init__(
+    self,
+    cache_dir: str | Path,
+    case_ids: Sequence[str],
+    *,
+    max_open: int = 64,
+    write_foreground_cache: bool = True,
+  ):
     self.cache_dir = Path(cache_dir)
     self.case_ids = tuple(case_ids)
     if not self.case_ids:
@@ -119,8 +129,9 @@ class CaseSource:
     for cid in self.case_ids:
       for name in ("image.npy", "label.npy"):
         if not (_case_dir(self.cache_dir, cid) / name).is_file():
-          raise DataError(f"{_case_dir(self.cache_dir, cid) / name}: missing from the "
-                          "preprocessed cache")
+          raise DataError(
+            f"{_case_dir(self.cache_dir, cid) / name}: missing from the preprocessed cache"
+          )
     self.max_open = max_open
     self.write_foreground_cache = write_foreground_cache
     self._init_caches()
@@ -161,8 +172,7 @@ class CaseSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
     image, label = self.arrays(index)
-    return {"case_index": index, "case_id": self.case_ids[index], "image": image,
-            "label": label}
+    return {"case_index": index, "case_id": self.case_ids[index], "image": image, "label": label}
 
   def foreground_locations(self, index: int) -> dict[int, np.ndarray]:
     index = int(index)
@@ -178,15 +188,19 @@ class CaseSource:
     try:
       with np.load(path, allow_pickle=False) as z:
         if int(z["version"]) == _FG_VERSION and tuple(z["shape"]) == label.shape:
-          return {int(k[len("class_"):]): z[k] for k in z.files if k.startswith("class_")}
+          return {int(k[len("class_") :]): z[k] for k in z.files if k.startswith("class_")}
     except (OSError, ValueError, KeyError):
       pass  # missing, partial or from another format: recompute
     locs = compute_foreground_locations(label)
     if self.write_foreground_cache:
       tmp = path.with_name(f".{FG_FILE}.{os.getpid()}.{uuid.uuid4().hex}.npz")
       try:
-        np.savez(tmp, version=_FG_VERSION, shape=np.asarray(label.shape),
-                 **{f"class_{c}": v for c, v in locs.items()})
+        np.savez(
+          tmp,
+          version=_FG_VERSION,
+          shape=np.asarray(label.shape),
+          **{f"class_{c}": v for c, v in locs.items()},
+        )
         os.replace(tmp, path)  # atomic: readers see the old file or the complete new one
       except OSError as e:  # a read-only cache still trains, it just recomputes per worker
         logging.warning("cannot store %s (%s)", path, e)
@@ -237,9 +251,13 @@ def is_foreground_patch(index: int, foreground_fraction: float) -> bool:
 class PatchSampler(grain.transforms.RandomMap):
   """(global patch index, CaseSource element) -> {"image": (D, H, W, C) f32, "label": (D, H, W)}."""
 
-  def __init__(self, source: CaseSource, patch_size: Sequence[int],
-               aug: AugmentConfig | Mapping[str, Any] | None = None,
-               foreground_fraction: float = 1 / 3):
+  def __init__(
+    self,
+    source: CaseSource,
+    patch_size: Sequence[int],
+    aug: AugmentConfig | Mapping[str, Any] | None = None,
+    foreground_fraction: float = 1 / 3,
+  ):
     if not 0.0 <= foreground_fraction <= 1.0:
       raise ValueError(f"foreground_fraction={foreground_fraction} is not in [0, 1]")
     self.source = source
@@ -247,8 +265,9 @@ class PatchSampler(grain.transforms.RandomMap):
     self.aug = augment_lib.as_config(aug)
     self.foreground_fraction = foreground_fraction
 
-  def patch_start(self, shape: Sequence[int], rng: np.random.Generator,
-                  centre: Sequence[int] | None = None) -> np.ndarray:
+  def patch_start(
+    self, shape: Sequence[int], rng: np.random.Generator, centre: Sequence[int] | None = None
+  ) -> np.ndarray:
     """Corner of the patch: uniform, or centred on `centre` and kept inside the volume.
 
     Along an axis shorter than the patch, the volume lies inside the patch (padded around).
@@ -293,6 +312,7 @@ class _DeviceBatcher:
   With `shared_memory` (worker processes) the batch is built directly in shared memory, which
   `mp_prefetch` then hands over without copying it again.
   """
+
   num_local_devices: int
   per_device_batch: int
   shared_memory: bool = False
@@ -357,22 +377,34 @@ def _labels_to_int32(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {"image": batch["image"], "label": batch["label"].astype(np.int32)}
 
 
-def make_patch_dataset(cache_dir: str | Path, case_ids: Sequence[str], *,
-                       patch_size: Sequence[int], seed: int,
-                       aug: AugmentConfig | Mapping[str, Any] | None = None,
-                       foreground_fraction: float = 1 / 3) -> grain.MapDataset:
+def make_patch_dataset(
+  cache_dir: str | Path,
+  case_ids: Sequence[str],
+  *,
+  patch_size: Sequence[int],
+  seed: int,
+  aug: AugmentConfig | Mapping[str, Any] | None = None,
+  foreground_fraction: float = 1 / 3,
+) -> grain.MapDataset:
   """The infinite global patch stream (element g = patch g), before batching and sharding."""
   source = CaseSource(cache_dir, case_ids)
   sampler = PatchSampler(source, patch_size, aug, foreground_fraction)
-  return (EpochShuffle(grain.MapDataset.source(source), seed)
-          .map_with_index(_with_index).random_map(sampler, seed=seed))
+  return (
+    EpochShuffle(grain.MapDataset.source(source), seed)
+    .map_with_index(_with_index)
+    .random_map(sampler, seed=seed)
+  )
 
 
 class TrainDataset(grain.IterDataset):
   """Infinite per-process batch stream; its iterator's state is the number of batches taken."""
 
-  def __init__(self, batches: grain.MapDataset, read_options: grain.ReadOptions,
-               mp_options: grain.MultiprocessingOptions):
+  def __init__(
+    self,
+    batches: grain.MapDataset,
+    read_options: grain.ReadOptions,
+    mp_options: grain.MultiprocessingOptions,
+  ):
     super().__init__()
     self.batches = batches
     self.read_options = read_options
@@ -402,7 +434,7 @@ class TrainIterator(grain.DatasetIterator):
     if self._inner is None:
       ds = self._ds.batches
       if self._next:
-        ds = ds[self._next:]
+        ds = ds[self._next :]
       if self._ds.mp_options.num_workers > 0:
         # No reading threads inside a worker: the worker is the parallelism, and a batch that
         # a thread built ahead in shared memory would not be unlinked when the workers stop.
@@ -441,11 +473,21 @@ class TrainIterator(grain.DatasetIterator):
 
 
 def make_train_dataset(
-    cache_dir: str | Path, case_ids: Sequence[str], *, patch_size: Sequence[int],
-    per_device_batch: int, num_local_devices: int, seed: int,
-    aug: AugmentConfig | Mapping[str, Any] | None = None, foreground_fraction: float = 1 / 3,
-    process_index: int = 0, process_count: int = 1, num_workers: int = 0,
-    prefetch_buffer_size: int = 2, read_threads: int = 1, worker_buffer_size: int = 1,
+  cache_dir: str | Path,
+  case_ids: Sequence[str],
+  *,
+  patch_size: Sequence[int],
+  per_device_batch: int,
+  num_local_devices: int,
+  seed: int,
+  aug: AugmentConfig | Mapping[str, Any] | None = None,
+  foreground_fraction: float = 1 / 3,
+  process_index: int = 0,
+  process_count: int = 1,
+  num_workers: int = 0,
+  prefetch_buffer_size: int = 2,
+  read_threads: int = 1,
+  worker_buffer_size: int = 1,
 ) -> TrainDataset:
   """Infinite, shuffled, augmented training batches for this process.
 
@@ -465,8 +507,14 @@ def make_train_dataset(
     raise ValueError(f"process_index={process_index} not in [0, {process_count})")
   if num_workers < 0:
     raise ValueError(f"num_workers={num_workers} must be >= 0")
-  patches = make_patch_dataset(cache_dir, case_ids, patch_size=patch_size, seed=seed, aug=aug,
-                               foreground_fraction=foreground_fraction)
+  patches = make_patch_dataset(
+    cache_dir,
+    case_ids,
+    patch_size=patch_size,
+    seed=seed,
+    aug=aug,
+    foreground_fraction=foreground_fraction,
+  )
   local = num_local_devices * per_device_batch
   # drop_remainder: the stream is infinite anyway, and ceil() of sys.maxsize / 1 overflows len().
   batcher = _DeviceBatcher(num_local_devices, per_device_batch, shared_memory=num_workers > 0)
@@ -474,10 +522,12 @@ def make_train_dataset(
   if process_count > 1:
     batches = batches[process_index::process_count]
   return TrainDataset(
-      batches,
-      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size),
-      grain.MultiprocessingOptions(num_workers=num_workers,
-                                   per_worker_buffer_size=worker_buffer_size))
+    batches,
+    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size),
+    grain.MultiprocessingOptions(
+      num_workers=num_workers, per_worker_buffer_size=worker_buffer_size
+    ),
+  )
 
 
 def checkpoint_save_args(it: grain.DatasetIterator):
@@ -490,8 +540,9 @@ def checkpoint_restore_args(it: grain.DatasetIterator):
   return grain.checkpoint.CheckpointRestore(it)
 
 
-def iterate_validation_cases(cache_dir: str | Path, case_ids: Sequence[str]
-                             ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+def iterate_validation_cases(
+  cache_dir: str | Path, case_ids: Sequence[str]
+) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
   """Yields (case_id, image float32 (D, H, W, C), label (D, H, W) as stored, uint8), in order.
 
   Whole volumes read into memory one case at a time, for sliding-window validation.

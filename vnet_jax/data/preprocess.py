@@ -35,6 +35,7 @@ whatever is complete; a DataError removes the hash directory (the fix changes th
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -46,18 +47,25 @@ import sys
 import time
 import uuid
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from vnet_jax.data import DataError
-from vnet_jax.files import write_json_atomic
 from vnet_jax.data.layouts import Case, Dataset, discover_dataset
-from vnet_jax.data.validation import (CaseHeader, check_case_content, check_images_header,
-                                      read_case_arrays, read_volume, validate_dataset)
+from vnet_jax.data.validation import (
+  CaseHeader,
+  check_case_content,
+  check_images_header,
+  read_case_arrays,
+  read_volume,
+  validate_dataset,
+)
+from vnet_jax.errors import DataError
+from vnet_jax.files import write_json_atomic
 
 CACHE_VERSION = 1
 PLAN_FILE = "plan.json"
@@ -84,6 +92,7 @@ class PreprocessSettings:
   image_dtype: dtype of the cached image.npy ('float32' | 'float16').
   label_map: (original, new) pairs; original labels not listed become 0.
   """
+
   target_spacing: tuple[float, float, float] | None = None
   normalization: tuple[str, ...] | None = None
   ct_window: tuple[float, float] | None = None
@@ -114,8 +123,10 @@ class PreprocessSettings:
       raise ValueError(f"image_dtype must be 'float32' or 'float16', got {self.image_dtype!r}")
     object.__setattr__(self, "crop_to_nonzero", bool(self.crop_to_nonzero))
     if self.label_map is not None:
-      lm = tuple((int(a), int(b)) for a, b in (
-          self.label_map.items() if isinstance(self.label_map, dict) else self.label_map))
+      lm = tuple(
+        (int(a), int(b))
+        for a, b in (self.label_map.items() if isinstance(self.label_map, dict) else self.label_map)
+      )
       if any(not 0 <= v <= 255 for pair in lm for v in pair):
         raise ValueError(f"label_map ids must be in 0..255, got {lm}")
       if len({a for a, _ in lm}) != len(lm):
@@ -124,8 +135,16 @@ class PreprocessSettings:
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
-    return {k: (list(map(list, v)) if k == "label_map" and v is not None
-                else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+    return {
+      k: (
+        list(map(list, v))
+        if k == "label_map" and v is not None
+        else list(v)
+        if isinstance(v, tuple)
+        else v
+      )
+      for k, v in d.items()
+    }
 
 
 # ----------------------------------------------------------------------------- resampling
@@ -150,8 +169,13 @@ def _axis_range(m, n: int, lo: int, hi: int) -> tuple[int, int]:
   return int(np.searchsorted(i1, lo, "left")), int(np.searchsorted(i0, hi - 1, "right"))
 
 
-def _interp_block(src: np.ndarray, maps, out_lo: Sequence[int], out_hi: Sequence[int],
-                  prep: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+def _interp_block(
+  src: np.ndarray,
+  maps,
+  out_lo: Sequence[int],
+  out_hi: Sequence[int],
+  prep: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
   """Trilinear values of the output box [out_lo, out_hi), reading only the input it needs.
 
   Separable: one 1-D interpolation per axis, shrinking axes first so temporaries stay small.
@@ -164,14 +188,15 @@ def _interp_block(src: np.ndarray, maps, out_lo: Sequence[int], out_hi: Sequence
       in_sl.append(slice(out_lo[ax], out_hi[ax]))
       idx.append(None)
     else:
-      i0, i1, w = (a[out_lo[ax]:out_hi[ax]] for a in m)
+      i0, i1, w = (a[out_lo[ax] : out_hi[ax]] for a in m)
       a, b = int(i0[0]), int(i1[-1]) + 1
       in_sl.append(slice(a, b))
       idx.append((i0 - a, i1 - a, w))
   block = src[tuple(in_sl)]
   block = prep(block) if prep is not None else np.asarray(block, np.float32)
-  order = sorted((ax for ax in range(3) if idx[ax] is not None),
-                 key=lambda ax: len(idx[ax][0]) / block.shape[ax])
+  order = sorted(
+    (ax for ax in range(3) if idx[ax] is not None), key=lambda ax: len(idx[ax][0]) / block.shape[ax]
+  )
   for ax in order:
     i0, i1, w = idx[ax]
     lo = np.take(block, i0, axis=ax)
@@ -216,8 +241,13 @@ def resample_labels(label: np.ndarray, out_shape: Sequence[int]) -> np.ndarray:
     rng = [_axis_range(maps[ax], label.shape[ax], box[ax].start, box[ax].stop) for ax in range(3)]
     if any(hi <= lo for lo, hi in rng):
       continue
-    v = _interp_block(label, maps, [r[0] for r in rng], [r[1] for r in rng],
-                      prep=lambda b, c=c: (b == c).astype(np.float32))
+    v = _interp_block(
+      label,
+      maps,
+      [r[0] for r in rng],
+      [r[1] for r in rng],
+      prep=lambda b, c=c: (b == c).astype(np.float32),
+    )
     region = tuple(slice(lo, hi) for lo, hi in rng)
     b, a = best[region], arg[region]
     upd = v > b
@@ -291,8 +321,14 @@ def _sample_rng(case_id: str, salt: int = 0) -> np.random.Generator:
   return np.random.default_rng([zlib.crc32(case_id.encode()), salt])
 
 
-def _preprocess_arrays(images: list[np.ndarray], label: np.ndarray | None, header: CaseHeader,
-                       plan: dict, case_id: str, n_fg_samples: int = 0):
+def _preprocess_arrays(
+  images: list[np.ndarray],
+  label: np.ndarray | None,
+  header: CaseHeader,
+  plan: dict,
+  case_id: str,
+  n_fg_samples: int = 0,
+):
   """Reorient, crop, normalise, resample ('ct' channels only when the plan has statistics).
 
   Returns (image float32 (D,H,W,C), label uint8 (D,H,W) or None, meta, fg samples per CT
@@ -326,8 +362,9 @@ def _preprocess_arrays(images: list[np.ndarray], label: np.ndarray | None, heade
 
   spacing = np.asarray(header.spacing_zyx, np.float64)
   target = np.asarray(plan["target_spacing"], np.float64)
-  out_shape = tuple(int(s) for s in np.maximum(1, np.round(np.asarray(cropped_shape) * spacing
-                                                           / target)))
+  out_shape = tuple(
+    int(s) for s in np.maximum(1, np.round(np.asarray(cropped_shape) * spacing / target))
+  )
   image = np.empty(out_shape + (len(views),), np.float32)
   samples, case_norm = {}, []
   for c, (v, n) in enumerate(zip(views, norms)):
@@ -357,19 +394,19 @@ def _preprocess_arrays(images: list[np.ndarray], label: np.ndarray | None, heade
     _apply_ct_normalization(image, plan)
 
   meta: dict[str, Any] = {
-      "case_id": case_id,
-      "original_affine": np.asarray(header.affine).tolist(),
-      "original_shape": list(header.shape),
-      "original_spacing": list(header.spacing),
-      "ornt": ornt.astype(int).tolist(),
-      "ras_shape_zyx": list(ras_shape),
-      "spacing_zyx": list(header.spacing_zyx),
-      "crop_box_zyx": box,
-      "cropped_shape_zyx": list(cropped_shape),
-      "resampled_shape": list(out_shape),
-      "resampled_spacing": (np.asarray(cropped_shape) * spacing / np.asarray(out_shape)).tolist(),
-      "target_spacing": list(plan["target_spacing"]),
-      "case_normalization": case_norm,
+    "case_id": case_id,
+    "original_affine": np.asarray(header.affine).tolist(),
+    "original_shape": list(header.shape),
+    "original_spacing": list(header.spacing),
+    "ornt": ornt.astype(int).tolist(),
+    "ras_shape_zyx": list(ras_shape),
+    "spacing_zyx": list(header.spacing_zyx),
+    "crop_box_zyx": box,
+    "cropped_shape_zyx": list(cropped_shape),
+    "resampled_shape": list(out_shape),
+    "resampled_spacing": (np.asarray(cropped_shape) * spacing / np.asarray(out_shape)).tolist(),
+    "target_spacing": list(plan["target_spacing"]),
+    "case_normalization": case_norm,
   }
   meta["preprocessed_affine"] = _preprocessed_affine(meta).tolist()
   out_label = None
@@ -383,7 +420,7 @@ def _class_summary(label: np.ndarray, num_classes: int) -> dict:
   counts = np.zeros(max(num_classes, 1), np.int64)
   flat = label.reshape(-1)
   for i in range(0, flat.size, _CHUNK_ELEMS):
-    counts += np.bincount(flat[i:i + _CHUNK_ELEMS], minlength=counts.size)[:counts.size]
+    counts += np.bincount(flat[i : i + _CHUNK_ELEMS], minlength=counts.size)[: counts.size]
   return {"class_voxels": {str(c): int(n) for c, n in enumerate(counts) if n}}
 
 
@@ -403,8 +440,9 @@ def _tmp_name(case_id: str) -> str:
   return f"{case_id}__{socket.gethostname()}__{os.getpid()}__{uuid.uuid4().hex[:8]}"
 
 
-def _write_dir_atomic(final: Path, tmp_root: Path, case_id: str,
-                      arrays: dict[str, np.ndarray], jsons: dict[str, Any]) -> None:
+def _write_dir_atomic(
+  final: Path, tmp_root: Path, case_id: str, arrays: dict[str, np.ndarray], jsons: dict[str, Any]
+) -> None:
   """Writes a directory under .tmp/ and renames it into place only once every file is written."""
   tmp_root.mkdir(parents=True, exist_ok=True)
   final.parent.mkdir(parents=True, exist_ok=True)
@@ -466,16 +504,23 @@ def _worker(task: tuple) -> str:
     stage = hdir / ".stage" / case.case_id
     image = np.load(stage / "image.npy")
     _apply_ct_normalization(image, plan)
-    _write_dir_atomic(final, hdir / ".tmp", case.case_id,
-                      {"image.npy": image.astype(plan["image_dtype"], copy=False),
-                       "label.npy": np.load(stage / "label.npy")},
-                      {"meta.json": json.loads((stage / "meta.json").read_text())})
+    _write_dir_atomic(
+      final,
+      hdir / ".tmp",
+      case.case_id,
+      {
+        "image.npy": image.astype(plan["image_dtype"], copy=False),
+        "label.npy": np.load(stage / "label.npy"),
+      },
+      {"meta.json": json.loads((stage / "meta.json").read_text())},
+    )
     shutil.rmtree(stage, ignore_errors=True)
     return case.case_id
   images, label = read_case_arrays(case)
   check_case_content(case, images, label, plan["original_class_ids"])
-  image, lab, meta, samples = _preprocess_arrays(images, label, header, plan, case.case_id,
-                                                 n_samples if kind == "stage" else 0)
+  image, lab, meta, samples = _preprocess_arrays(
+    images, label, header, plan, case.case_id, n_samples if kind == "stage" else 0
+  )
   del images, label
   meta["image_files"] = [str(f) for f in case.image_files]
   meta["label_file"] = str(case.label_file) if case.label_file is not None else None
@@ -483,12 +528,17 @@ def _worker(task: tuple) -> str:
     arrays = {"image.npy": image, "label.npy": lab}
     for c, s in samples.items():
       arrays[f"fg_samples_{c}.npy"] = s
-    _write_dir_atomic(hdir / ".stage" / case.case_id, hdir / ".tmp", case.case_id, arrays,
-                      {"meta.json": meta})
+    _write_dir_atomic(
+      hdir / ".stage" / case.case_id, hdir / ".tmp", case.case_id, arrays, {"meta.json": meta}
+    )
   else:
-    _write_dir_atomic(final, hdir / ".tmp", case.case_id,
-                      {"image.npy": image.astype(plan["image_dtype"], copy=False),
-                       "label.npy": lab}, {"meta.json": meta})
+    _write_dir_atomic(
+      final,
+      hdir / ".tmp",
+      case.case_id,
+      {"image.npy": image.astype(plan["image_dtype"], copy=False), "label.npy": lab},
+      {"meta.json": meta},
+    )
   return case.case_id
 
 
@@ -496,6 +546,7 @@ def _run(tasks: list[tuple], num_workers: int, progress: bool, desc: str) -> Non
   if not tasks:
     return
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+
   with tqdm(total=len(tasks), desc=desc, unit="case", disable=not progress) as bar:
     if num_workers <= 1 or len(tasks) == 1:
       for t in tasks:
@@ -504,7 +555,8 @@ def _run(tasks: list[tuple], num_workers: int, progress: bool, desc: str) -> Non
         bar.update()
       return
     ex = concurrent.futures.ProcessPoolExecutor(
-        max_workers=min(num_workers, len(tasks)), mp_context=_mp_context())
+      max_workers=min(num_workers, len(tasks)), mp_context=_mp_context()
+    )
     try:
       futures = [ex.submit(_worker, t) for t in tasks]
       for f in concurrent.futures.as_completed(futures):
@@ -513,9 +565,10 @@ def _run(tasks: list[tuple], num_workers: int, progress: bool, desc: str) -> Non
     except concurrent.futures.process.BrokenProcessPool as e:
       ex.shutdown(wait=True, cancel_futures=True)
       raise RuntimeError(
-          "a preprocessing worker died (out of memory? or, with the 'spawn' start method, a "
-          "script that calls prepare_dataset outside `if __name__ == '__main__':`); "
-          "retry with fewer num_workers, or 0 to preprocess in this process") from e
+        "a preprocessing worker died (out of memory? or, with the 'spawn' start method, a "
+        "script that calls prepare_dataset outside `if __name__ == '__main__':`); "
+        "retry with fewer num_workers, or 0 to preprocess in this process"
+      ) from e
     except BaseException:
       ex.shutdown(wait=True, cancel_futures=True)  # running cases finish or clean up after them
       raise
@@ -550,14 +603,18 @@ def cache_hash(dataset: Dataset, settings: PreprocessSettings) -> str:
   """Hash of the dataset's file list (names, sizes, mtimes), its declared metadata and every
   setting: any change gives a new cache directory, never a stale one."""
   key = {
-      "version": CACHE_VERSION,
-      "layout": dataset.layout,
-      "files": _file_fingerprint(dataset),
-      "channel_names": list(dataset.channel_names),
-      "class_names": {str(k): v for k, v in sorted(dataset.class_names.items())},
-      "settings": settings.to_json(),
-      "constants": [CT_BODY_THRESHOLD_HU, list(CT_PERCENTILES), FG_SAMPLES_TOTAL,
-                    FG_SAMPLES_MIN_PER_CASE],
+    "version": CACHE_VERSION,
+    "layout": dataset.layout,
+    "files": _file_fingerprint(dataset),
+    "channel_names": list(dataset.channel_names),
+    "class_names": {str(k): v for k, v in sorted(dataset.class_names.items())},
+    "settings": settings.to_json(),
+    "constants": [
+      CT_BODY_THRESHOLD_HU,
+      list(CT_PERCENTILES),
+      FG_SAMPLES_TOTAL,
+      FG_SAMPLES_MIN_PER_CASE,
+    ],
   }
   return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -570,57 +627,66 @@ def _mapped_classes(dataset: Dataset, settings: PreprocessSettings) -> tuple[dic
   names: dict[int, list[str]] = {0: ["background"]}
   for orig, new in settings.label_map:
     if orig not in dataset.class_names:
-      raise DataError(f"{dataset.root}: label_map maps {orig}, which is not a class of the "
-                      f"dataset {sorted(dataset.class_names)}")
+      raise DataError(
+        f"{dataset.root}: label_map maps {orig}, which is not a class of the "
+        f"dataset {sorted(dataset.class_names)}"
+      )
     lut[orig] = new
     if new != 0:
       names.setdefault(new, []).append(dataset.class_names[orig])
   return {k: "+".join(v) for k, v in sorted(names.items())}, lut
 
 
-def _base_plan(dataset: Dataset, settings: PreprocessSettings, headers: dict[str, CaseHeader],
-               digest: str) -> dict:
+def _base_plan(
+  dataset: Dataset, settings: PreprocessSettings, headers: dict[str, CaseHeader], digest: str
+) -> dict:
   spacings = np.array([headers[c.case_id].spacing_zyx for c in dataset.cases], np.float64)
   median = np.median(spacings, axis=0)
   target = settings.target_spacing or tuple(float(s) for s in median)
   if settings.normalization is not None:
     schemes = settings.normalization
     if len(schemes) != dataset.num_channels:
-      raise DataError(f"{dataset.root}: normalization has {len(schemes)} entries but the dataset "
-                      f"has {dataset.num_channels} channel(s) {list(dataset.channel_names)}")
+      raise DataError(
+        f"{dataset.root}: normalization has {len(schemes)} entries but the dataset "
+        f"has {dataset.num_channels} channel(s) {list(dataset.channel_names)}"
+      )
   else:
     schemes = tuple(default_normalization(n) for n in dataset.channel_names)
   norms = []
   for i, (name, scheme) in enumerate(zip(dataset.channel_names, schemes)):
     n: dict[str, Any] = {"channel": i, "name": name, "scheme": scheme}
     if scheme == "ct":
-      n.update(clip=list(settings.ct_window) if settings.ct_window else None, mean=None, std=None,
-               window_source="settings" if settings.ct_window else "foreground percentiles")
+      n.update(
+        clip=list(settings.ct_window) if settings.ct_window else None,
+        mean=None,
+        std=None,
+        window_source="settings" if settings.ct_window else "foreground percentiles",
+      )
     norms.append(n)
   class_names, lut = _mapped_classes(dataset, settings)
   return {
-      "version": CACHE_VERSION,
-      "hash": digest,
-      "dataset_root": str(dataset.root),
-      "layout": dataset.layout,
-      "case_ids": list(dataset.case_ids),
-      "channel_names": list(dataset.channel_names),
-      "num_channels": dataset.num_channels,
-      "target_spacing": [float(s) for s in target],
-      "median_spacing": median.tolist(),
-      "normalization": norms,
-      "crop_to_nonzero": settings.crop_to_nonzero,
-      "ct_body_threshold": CT_BODY_THRESHOLD_HU,
-      "image_dtype": settings.image_dtype,
-      "image_interpolation": "linear",
-      "label_interpolation": "per-class linear, argmax",
-      "original_class_names": {str(k): v for k, v in dataset.class_names.items()},
-      "original_class_ids": sorted(dataset.class_names),
-      "class_names": {str(k): v for k, v in class_names.items()},
-      "num_classes": max(class_names) + 1,
-      "label_map": [list(p) for p in settings.label_map] if settings.label_map else None,
-      "label_lut": lut,
-      "settings": settings.to_json(),
+    "version": CACHE_VERSION,
+    "hash": digest,
+    "dataset_root": str(dataset.root),
+    "layout": dataset.layout,
+    "case_ids": list(dataset.case_ids),
+    "channel_names": list(dataset.channel_names),
+    "num_channels": dataset.num_channels,
+    "target_spacing": [float(s) for s in target],
+    "median_spacing": median.tolist(),
+    "normalization": norms,
+    "crop_to_nonzero": settings.crop_to_nonzero,
+    "ct_body_threshold": CT_BODY_THRESHOLD_HU,
+    "image_dtype": settings.image_dtype,
+    "image_interpolation": "linear",
+    "label_interpolation": "per-class linear, argmax",
+    "original_class_names": {str(k): v for k, v in dataset.class_names.items()},
+    "original_class_ids": sorted(dataset.class_names),
+    "class_names": {str(k): v for k, v in class_names.items()},
+    "num_classes": max(class_names) + 1,
+    "label_map": [list(p) for p in settings.label_map] if settings.label_map else None,
+    "label_lut": lut,
+    "settings": settings.to_json(),
   }
 
 
@@ -639,12 +705,17 @@ def _compute_ct_stats(plan: dict, stage_root: Path, case_ids: Sequence[str]) -> 
     if n["scheme"] != "ct":
       continue
     c = n["channel"]
-    parts = [np.load(stage_root / cid / f"fg_samples_{c}.npy") for cid in case_ids
-             if (stage_root / cid / f"fg_samples_{c}.npy").exists()]
+    parts = [
+      np.load(stage_root / cid / f"fg_samples_{c}.npy")
+      for cid in case_ids
+      if (stage_root / cid / f"fg_samples_{c}.npy").exists()
+    ]
     vals = np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)
     if vals.size == 0:
-      raise DataError(f"{plan['dataset_root']}: no foreground or body voxels to compute the CT "
-                      f"intensity statistics of channel {c}")
+      raise DataError(
+        f"{plan['dataset_root']}: no foreground or body voxels to compute the CT "
+        f"intensity statistics of channel {c}"
+      )
     pct = np.percentile(vals, CT_PERCENTILES)
     n["foreground_percentiles"] = [float(p) for p in pct]
     if n["clip"] is None:
@@ -662,6 +733,7 @@ def _compute_ct_stats(plan: dict, stage_root: Path, case_ids: Sequence[str]) -> 
 @dataclasses.dataclass(frozen=True)
 class CachedDataset:
   """A complete preprocessed cache directory (`<cache_root>/<hash>`)."""
+
   dir: Path
   plan: dict
 
@@ -709,19 +781,25 @@ def open_cache(directory: str | Path) -> CachedDataset:
   except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
     raise DataError(f"{d / PLAN_FILE}: unreadable ({' '.join(str(e).split())})") from None
   if plan.get("version") != CACHE_VERSION:
-    raise DataError(f"{d / PLAN_FILE}: cache version {plan.get('version')} != {CACHE_VERSION}; "
-                    "preprocess again")
+    raise DataError(
+      f"{d / PLAN_FILE}: cache version {plan.get('version')} != {CACHE_VERSION}; preprocess again"
+    )
   for cid in plan["case_ids"]:
     for name in ("image.npy", "label.npy", "meta.json"):
       if not (d / "cases" / cid / name).is_file():
-        raise DataError(f"{d / 'cases' / cid}: incomplete cache, {name} missing; rerun "
-                        "preprocessing to resume")
+        raise DataError(
+          f"{d / 'cases' / cid}: incomplete cache, {name} missing; rerun preprocessing to resume"
+        )
   return CachedDataset(d, plan)
 
 
-def prepare_dataset(dataset: Dataset | str | Path, settings: PreprocessSettings | None = None,
-                    cache_root: str | Path = ".vnet_jax_cache", num_workers: int = 2,
-                    progress: bool = True) -> CachedDataset:
+def prepare_dataset(
+  dataset: Dataset | str | Path,
+  settings: PreprocessSettings | None = None,
+  cache_root: str | Path = ".vnet_jax_cache",
+  num_workers: int = 2,
+  progress: bool = True,
+) -> CachedDataset:
   """Preprocesses every case once into `<cache_root>/<hash>/`, resuming and reusing the cache.
 
   Header checks run on all cases first; content checks run as each case is read. A bad case
@@ -754,8 +832,15 @@ def prepare_dataset(dataset: Dataset | str | Path, settings: PreprocessSettings 
   return open_cache(hdir)
 
 
-def _prepare(dataset: Dataset, settings: PreprocessSettings, headers: dict[str, CaseHeader],
-             digest: str, hdir: Path, num_workers: int, progress: bool) -> None:
+def _prepare(
+  dataset: Dataset,
+  settings: PreprocessSettings,
+  headers: dict[str, CaseHeader],
+  digest: str,
+  hdir: Path,
+  num_workers: int,
+  progress: bool,
+) -> None:
   if (hdir / PLAN_FILE).exists():
     plan = json.loads((hdir / PLAN_FILE).read_text())
   elif (hdir / PENDING_PLAN_FILE).exists():
@@ -775,8 +860,11 @@ def _prepare(dataset: Dataset, settings: PreprocessSettings, headers: dict[str, 
   if not _ct_stats_known(plan):
     # First pass of CT data: the window and mean/std need every case's foreground intensities,
     # so cases are cropped and resampled (and sampled) first, normalised in the second pass.
-    tasks = [("stage", c, headers[c.case_id], plan, str(hdir), n_samples)
-             for c in dataset.cases if not staged(c) and not done(c)]
+    tasks = [
+      ("stage", c, headers[c.case_id], plan, str(hdir), n_samples)
+      for c in dataset.cases
+      if not staged(c) and not done(c)
+    ]
     _run(tasks, num_workers, progress, "preprocess (pass 1/2)")
     plan = _compute_ct_stats(plan, stage_dir, [c.case_id for c in dataset.cases])
     write_json_atomic(hdir / PENDING_PLAN_FILE, plan, indent=1)
@@ -792,10 +880,8 @@ def _prepare(dataset: Dataset, settings: PreprocessSettings, headers: dict[str, 
     write_json_atomic(hdir / PLAN_FILE, plan, indent=1)
   (hdir / PENDING_PLAN_FILE).unlink(missing_ok=True)
   shutil.rmtree(stage_dir, ignore_errors=True)
-  try:
+  with contextlib.suppress(OSError):  # not empty: a concurrent run's work in progress
     (hdir / ".tmp").rmdir()
-  except OSError:
-    pass  # not empty: a concurrent run's work in progress
 
 
 def preprocess_image(image_files: Sequence[str | Path], plan: dict) -> tuple[np.ndarray, dict]:
@@ -804,8 +890,10 @@ def preprocess_image(image_files: Sequence[str | Path], plan: dict) -> tuple[np.
   `probabilities_to_original`."""
   files = tuple(Path(f) for f in image_files)
   if len(files) != plan["num_channels"]:
-    raise DataError(f"{files[0] if files else '<no files>'}: {len(files)} channel file(s) given "
-                    f"but the model expects {plan['num_channels']} {plan['channel_names']}")
+    raise DataError(
+      f"{files[0] if files else '<no files>'}: {len(files)} channel file(s) given "
+      f"but the model expects {plan['num_channels']} {plan['channel_names']}"
+    )
   header = check_images_header(files)
   images = [read_volume(f)[0] for f in files]
   case = Case(Path(files[0]).name, files, None)
@@ -859,12 +947,13 @@ def probabilities_to_original(probs: np.ndarray, meta: dict) -> np.ndarray:
       upd = v > best
       best[upd] = v[upd]
       arg[upd] = c
-    full[z0c + z0:z0c + z1, y0:y1, x0:x1] = arg
+    full[z0c + z0 : z0c + z1, y0:y1, x0:x1] = arg
   return _from_ras_zyx(full, meta)
 
 
-def write_labels_nifti(path: str | Path, labels: np.ndarray, meta: dict,
-                       reference_header: nib.Nifti1Header | None = None) -> None:
+def write_labels_nifti(
+  path: str | Path, labels: np.ndarray, meta: dict, reference_header: nib.Nifti1Header | None = None
+) -> None:
   """Writes original-grid labels (from `labels_to_original`) as uint8 with the original affine.
 
   With the input's header, its sform and qform (and their codes) are kept exactly as they were.

@@ -33,33 +33,66 @@ import os
 import shutil
 import sys
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
 from nibabel import orientations as nio
 from scipy import ndimage
 
-from vnet_jax.data import DataError
+from vnet_jax.errors import DataError
 
 LAYOUTS = ("flare22", "nnunet")
 
 # Used only when vnet_jax.data.layouts (the shared table) is not importable.
 _FALLBACK_CLASSES = {
-    1: "liver", 2: "right kidney", 3: "spleen", 4: "pancreas", 5: "aorta",
-    6: "inferior vena cava", 7: "right adrenal gland", 8: "left adrenal gland",
-    9: "gallbladder", 10: "esophagus", 11: "stomach", 12: "duodenum", 13: "left kidney",
+  1: "liver",
+  2: "right kidney",
+  3: "spleen",
+  4: "pancreas",
+  5: "aorta",
+  6: "inferior vena cava",
+  7: "right adrenal gland",
+  8: "left adrenal gland",
+  9: "gallbladder",
+  10: "esophagus",
+  11: "stomach",
+  12: "duodenum",
+  13: "left kidney",
 }
 
-(LIVER, RIGHT_KIDNEY, SPLEEN, PANCREAS, AORTA, IVC, RIGHT_ADRENAL, LEFT_ADRENAL, GALLBLADDER,
- ESOPHAGUS, STOMACH, DUODENUM, LEFT_KIDNEY) = range(1, 14)
+(
+  LIVER,
+  RIGHT_KIDNEY,
+  SPLEEN,
+  PANCREAS,
+  AORTA,
+  IVC,
+  RIGHT_ADRENAL,
+  LEFT_ADRENAL,
+  GALLBLADDER,
+  ESOPHAGUS,
+  STOMACH,
+  DUODENUM,
+  LEFT_KIDNEY,
+) = range(1, 14)
 NUM_ORGANS = 13
 
 # Mean HU of each organ in a portal-venous-like phase; a case jitters these a little.
 ORGAN_HU = {
-    LIVER: 60, RIGHT_KIDNEY: 150, SPLEEN: 50, PANCREAS: 45, AORTA: 200, IVC: 120,
-    RIGHT_ADRENAL: 35, LEFT_ADRENAL: 35, GALLBLADDER: 10, ESOPHAGUS: 40, STOMACH: 20,
-    DUODENUM: 30, LEFT_KIDNEY: 150,
+  LIVER: 60,
+  RIGHT_KIDNEY: 150,
+  SPLEEN: 50,
+  PANCREAS: 45,
+  AORTA: 200,
+  IVC: 120,
+  RIGHT_ADRENAL: 35,
+  LEFT_ADRENAL: 35,
+  GALLBLADDER: 10,
+  ESOPHAGUS: 40,
+  STOMACH: 20,
+  DUODENUM: 30,
+  LEFT_KIDNEY: 150,
 }
 _ORGAN_HU_SD = {AORTA: 8.0, IVC: 6.0}  # contrast timing varies most in the vessels; others: 3
 
@@ -95,8 +128,9 @@ def case_ids(num_cases: int) -> list[str]:
 # Geometry helpers
 
 
-def _smooth_field(rng: np.random.Generator, shape: Sequence[int],
-                  n_ctrl: Sequence[int]) -> np.ndarray:
+def _smooth_field(
+  rng: np.random.Generator, shape: Sequence[int], n_ctrl: Sequence[int]
+) -> np.ndarray:
   """A smooth random field with unit standard deviation over the whole grid.
 
   Separable Gaussian-kernel interpolation of a coarse random grid: exact output shape and three
@@ -116,8 +150,9 @@ def _smooth_field(rng: np.random.Generator, shape: Sequence[int],
 class _Phantom:
   """Deformed body coordinates of one case and the organ masks drawn in them."""
 
-  def __init__(self, rng: np.random.Generator, shape: tuple[int, int, int],
-               spacing: tuple[float, float, float]):
+  def __init__(
+    self, rng: np.random.Generator, shape: tuple[int, int, int], spacing: tuple[float, float, float]
+  ):
     self.rng = rng
     self.shape = shape
     nx, ny, nz = shape
@@ -144,8 +179,8 @@ class _Phantom:
     # The box is in undeformed coordinates: widen it by over four s.d. of the deformation.
     margin = (0.15, 0.15, 0.22)
     out = []
-    for axis, l, h, m in zip((self.r_axis, self.a_axis, self.t_axis), lo, hi, margin):
-      i0 = int(np.searchsorted(axis, l - m))
+    for axis, low, h, m in zip((self.r_axis, self.a_axis, self.t_axis), lo, hi, margin):
+      i0 = int(np.searchsorted(axis, low - m))
       i1 = int(np.searchsorted(axis, h + m))
       out.append(slice(max(i0 - 1, 0), min(i1 + 1, len(axis))))
     return tuple(out)
@@ -160,8 +195,7 @@ class _Phantom:
     mask[sl] = crop_mask
     return mask
 
-  def ellipsoid(self, center, semi, rot_deg=0.0, tilt_deg=0.0, amp=0.12,
-                jitter=True) -> np.ndarray:
+  def ellipsoid(self, center, semi, rot_deg=0.0, tilt_deg=0.0, amp=0.12, jitter=True) -> np.ndarray:
     """Rotated (about t), tilted (in the r-t plane) ellipsoid with an irregular surface."""
     c = np.array(center, float) * (1, self.a_scale, 1)
     semi = np.array(semi, float)
@@ -228,14 +262,15 @@ def _draw_tissues(ph: _Phantom) -> tuple[np.ndarray, np.ndarray]:
 
   # Lung bases above the diaphragm; the liver and spleen domes later push into them.
   for side in (1, -1):
-    lung = (((R - side * 0.48) / 0.40) ** 2 + ((A + 0.12 * s) / 0.45) ** 2
-            + ((T - 2.40) / 0.62) ** 2 < 1)
+    lung = ((R - side * 0.48) / 0.40) ** 2 + ((A + 0.12 * s) / 0.45) ** 2 + (
+      (T - 2.40) / 0.62
+    ) ** 2 < 1
     hu[lung & cavity] = _LUNG + 25 * n0[lung & cavity]
 
   # Small bowel loops (wall, fluid, gas) in the lower abdomen, below the pancreas and duodenum.
   bowel_noise = _smooth_field(rng, ph.shape, (20, 20, 12))
   gas_noise = _smooth_field(rng, ph.shape, (24, 24, 14))
-  loops = cavity & (T < 0.55) & (A > -0.22 * s) & (bowel_noise > 0.0)
+  loops = cavity & (T < 0.55) & (-0.22 * s < A) & (bowel_noise > 0.0)
   hu[loops] = np.where(bowel_noise[loops] < 0.4, 35.0, 5.0)
   gas = loops & (bowel_noise > 0.4) & (gas_noise > 1.2) & (A > 0)  # gas rises to the front
   hu[gas] = -700 + 60 * n1[gas]
@@ -244,15 +279,15 @@ def _draw_tissues(ph: _Phantom) -> tuple[np.ndarray, np.ndarray]:
   blocked = np.zeros(ph.shape, bool)
   vb_a = -0.41 * s
   vb_r = 0.13 * rng.uniform(0.92, 1.08)
-  d_vb = np.sqrt(R ** 2 + (A - vb_a) ** 2)
+  d_vb = np.sqrt(R**2 + (A - vb_a) ** 2)
   vb = d_vb < vb_r
   period, phase = rng.uniform(0.22, 0.27), rng.uniform(0, 1)
   disc = ((T / period + phase) % 1.0) < 0.2
   hu[vb] = np.where(disc[vb], 90.0, np.where(d_vb[vb] > vb_r - 0.022, 750.0, 230.0))
   canal_a = vb_a - vb_r - 0.05
-  d_canal = np.sqrt(R ** 2 + (A - canal_a) ** 2)
+  d_canal = np.sqrt(R**2 + (A - canal_a) ** 2)
   arch = (d_canal < 0.085) & ~vb & ~disc
-  spinous = (np.abs(R) < 0.025) & (A < canal_a) & (A > canal_a - 0.16) & wall_out & ~disc
+  spinous = (np.abs(R) < 0.025) & (canal_a > A) & (canal_a - 0.16 < A) & wall_out & ~disc
   # Paraspinal muscles first, so the bone drawn next sits inside them.
   for side in (1, -1):
     para = ((R - side * 0.15) / 0.13) ** 2 + ((A - canal_a + 0.03) / 0.11) ** 2 < 1
@@ -261,7 +296,7 @@ def _draw_tissues(ph: _Phantom) -> tuple[np.ndarray, np.ndarray]:
     blocked |= para
     # Psoas: grows towards the pelvis, absent above the kidneys' upper poles.
     rad = np.clip(0.015 + 0.075 * (1.25 - T) / 1.25, 0, None)
-    psoas = ((R - side * 0.17) ** 2 + (A - vb_a - 0.02) ** 2 < rad ** 2) & (T < 1.25) & cavity
+    psoas = ((R - side * 0.17) ** 2 + (A - vb_a - 0.02) ** 2 < rad**2) & (T < 1.25) & cavity
     hu[psoas] = _MUSCLE
     blocked |= psoas
   hu[arch | spinous] = 550.0
@@ -271,8 +306,14 @@ def _draw_tissues(ph: _Phantom) -> tuple[np.ndarray, np.ndarray]:
   # Ribs in the upper abdomen: slanted bands in the outer part of the wall, open anteriorly.
   rib_band = ((T - 0.12 * A / ph.depth) / rng.uniform(0.2, 0.24) + rng.uniform(0, 1)) % 1.0
   angle = np.degrees(np.arctan2(R, A))  # 0 = anterior midline
-  ribs = (wall_out & ~inside(fat + 0.035) & (rib_band < 0.22) & (T > 0.95) & (np.abs(angle) > 35)
-          & (np.abs(angle) < 160))
+  ribs = (
+    wall_out
+    & ~inside(fat + 0.035)
+    & (rib_band < 0.22)
+    & (T > 0.95)
+    & (np.abs(angle) > 35)
+    & (np.abs(angle) < 160)
+  )
   hu[ribs] = 700.0
   blocked |= ribs
 
@@ -290,21 +331,59 @@ def _draw_organs(ph: _Phantom, allowed: np.ndarray) -> np.ndarray:
   liver |= ph.ellipsoid((0.0, 0.28, 1.62), (0.34, 0.18, 0.24), rot_deg=-15, amp=0.1)
   paint(LIVER, liver)
   paint(SPLEEN, ph.ellipsoid((-0.56, -0.26, 1.45), (0.15, 0.30, 0.30), rot_deg=40))
-  paint(STOMACH, ph.tube([(-0.33, -0.02, 1.76), (-0.36, 0.12, 1.52), (-0.26, 0.28, 1.28),
-                          (-0.06, 0.36, 1.15), (0.10, 0.30, 1.12)],
-                         [0.16, 0.20, 0.17, 0.12, 0.08], amp=0.1))
-  paint(RIGHT_KIDNEY, ph.ellipsoid((0.40, -0.36, 0.80), (0.13, 0.17, 0.32), rot_deg=-30,
-                                   tilt_deg=10))
-  paint(LEFT_KIDNEY, ph.ellipsoid((-0.40, -0.34, 0.88), (0.13, 0.17, 0.32), rot_deg=30,
-                                  tilt_deg=-10))
-  paint(PANCREAS, ph.tube([(0.15, 0.06, 0.94), (0.03, 0.10, 0.99), (-0.18, 0.06, 1.05),
-                           (-0.38, -0.08, 1.12), (-0.46, -0.14, 1.15)],
-                          [0.11, 0.09, 0.085, 0.08, 0.07]))
-  paint(DUODENUM, ph.tube([(0.16, 0.26, 1.12), (0.26, 0.14, 1.10), (0.29, 0.04, 1.00),
-                           (0.29, 0.02, 0.80), (0.22, 0.03, 0.70), (0.05, 0.03, 0.68),
-                           (-0.10, 0.05, 0.72), (-0.14, 0.07, 0.86)], [0.07] * 8))
-  paint(GALLBLADDER, ph.ellipsoid((0.30, 0.30, 0.98), (0.12, 0.10, 0.22), rot_deg=30,
-                                  tilt_deg=-20, amp=0.08))
+  paint(
+    STOMACH,
+    ph.tube(
+      [
+        (-0.33, -0.02, 1.76),
+        (-0.36, 0.12, 1.52),
+        (-0.26, 0.28, 1.28),
+        (-0.06, 0.36, 1.15),
+        (0.10, 0.30, 1.12),
+      ],
+      [0.16, 0.20, 0.17, 0.12, 0.08],
+      amp=0.1,
+    ),
+  )
+  paint(
+    RIGHT_KIDNEY, ph.ellipsoid((0.40, -0.36, 0.80), (0.13, 0.17, 0.32), rot_deg=-30, tilt_deg=10)
+  )
+  paint(
+    LEFT_KIDNEY, ph.ellipsoid((-0.40, -0.34, 0.88), (0.13, 0.17, 0.32), rot_deg=30, tilt_deg=-10)
+  )
+  paint(
+    PANCREAS,
+    ph.tube(
+      [
+        (0.15, 0.06, 0.94),
+        (0.03, 0.10, 0.99),
+        (-0.18, 0.06, 1.05),
+        (-0.38, -0.08, 1.12),
+        (-0.46, -0.14, 1.15),
+      ],
+      [0.11, 0.09, 0.085, 0.08, 0.07],
+    ),
+  )
+  paint(
+    DUODENUM,
+    ph.tube(
+      [
+        (0.16, 0.26, 1.12),
+        (0.26, 0.14, 1.10),
+        (0.29, 0.04, 1.00),
+        (0.29, 0.02, 0.80),
+        (0.22, 0.03, 0.70),
+        (0.05, 0.03, 0.68),
+        (-0.10, 0.05, 0.72),
+        (-0.14, 0.07, 0.86),
+      ],
+      [0.07] * 8,
+    ),
+  )
+  paint(
+    GALLBLADDER,
+    ph.ellipsoid((0.30, 0.30, 0.98), (0.12, 0.10, 0.22), rot_deg=30, tilt_deg=-20, amp=0.08),
+  )
   # The adrenals sit in retroperitoneal fat; clearing a fat halo first keeps them from being
   # embedded in liver or kidney, as they are in real scans.
   adrenals = [(RIGHT_ADRENAL, (0.26, -0.30, 1.20), -70), (LEFT_ADRENAL, (-0.25, -0.28, 1.18), 70)]
@@ -318,12 +397,33 @@ def _draw_organs(ph: _Phantom, allowed: np.ndarray) -> np.ndarray:
     label[halo & allowed & (label != 0)] = 0
     adrenal_masks.append((organ, ph.ellipsoid(c, semi, rot_deg=rot, amp=0.06, jitter=False)))
   # Enters the stomach from its medial side, low enough to stay a few hundred voxels long.
-  paint(ESOPHAGUS, ph.tube([(-0.03, -0.01, 2.12), (-0.07, -0.01, 1.88), (-0.16, 0.0, 1.68),
-                            (-0.26, 0.03, 1.52)], [0.085, 0.085, 0.09, 0.09]))
-  paint(IVC, ph.tube([(0.10, -0.14, -0.1), (0.11, -0.14, 0.7), (0.14, -0.11, 1.3),
-                      (0.16, -0.08, 1.80), (0.10, -0.05, 2.12)], [0.07, 0.075, 0.08, 0.08, 0.08]))
-  paint(AORTA, ph.tube([(-0.05, -0.20, -0.1), (-0.05, -0.19, 1.0), (-0.04, -0.18, 1.7),
-                        (-0.02, -0.19, 2.12)], [0.068, 0.07, 0.072, 0.075]))
+  paint(
+    ESOPHAGUS,
+    ph.tube(
+      [(-0.03, -0.01, 2.12), (-0.07, -0.01, 1.88), (-0.16, 0.0, 1.68), (-0.26, 0.03, 1.52)],
+      [0.085, 0.085, 0.09, 0.09],
+    ),
+  )
+  paint(
+    IVC,
+    ph.tube(
+      [
+        (0.10, -0.14, -0.1),
+        (0.11, -0.14, 0.7),
+        (0.14, -0.11, 1.3),
+        (0.16, -0.08, 1.80),
+        (0.10, -0.05, 2.12),
+      ],
+      [0.07, 0.075, 0.08, 0.08, 0.08],
+    ),
+  )
+  paint(
+    AORTA,
+    ph.tube(
+      [(-0.05, -0.20, -0.1), (-0.05, -0.19, 1.0), (-0.04, -0.18, 1.7), (-0.02, -0.19, 2.12)],
+      [0.068, 0.07, 0.072, 0.075],
+    ),
+  )
   for organ, mask in adrenal_masks:
     paint(organ, mask)
   return label
@@ -351,8 +451,11 @@ def _sample_geometry(rng: np.random.Generator, shape, spacing):
   return shape, spacing
 
 
-def make_case(rng: np.random.Generator, shape: Sequence[int] | None = None,
-              spacing: Sequence[float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_case(
+  rng: np.random.Generator,
+  shape: Sequence[int] | None = None,
+  spacing: Sequence[float] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """One phantom in the canonical RAS+ voxel grid.
 
   Args:
@@ -398,13 +501,17 @@ def _centroid(ph: _Phantom, mask: np.ndarray) -> tuple[float, float, float]:
   return (float(ph.r_axis[idx[0]]), float(ph.a_axis[idx[1]]) / ph.a_scale, float(ph.t_axis[idx[2]]))
 
 
-def reorient(image: np.ndarray, label: np.ndarray, affine: np.ndarray,
-             axcodes: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reorient(
+  image: np.ndarray, label: np.ndarray, affine: np.ndarray, axcodes: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Store the same physical anatomy with voxel axes pointing along `axcodes` (e.g. "LPS")."""
   transform = nio.ornt_transform(nio.io_orientation(affine), nio.axcodes2ornt(tuple(axcodes)))
   new_affine = affine @ nio.inv_ornt_aff(transform, image.shape)
-  return (np.ascontiguousarray(nio.apply_orientation(image, transform)),
-          np.ascontiguousarray(nio.apply_orientation(label, transform)), new_affine)
+  return (
+    np.ascontiguousarray(nio.apply_orientation(image, transform)),
+    np.ascontiguousarray(nio.apply_orientation(label, transform)),
+    new_affine,
+  )
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: str, tmp_dir: str) -> None:
@@ -419,9 +526,14 @@ def _save(array: np.ndarray, affine: np.ndarray, path: str, tmp_dir: str) -> Non
   os.replace(tmp, path)
 
 
-def write_dataset(out_dir: str, num_cases: int, layout: str = "flare22", seed: int = 0,
-                  shape: Sequence[int] | None = None,
-                  spacing: Sequence[float] | None = None) -> list[str]:
+def write_dataset(
+  out_dir: str,
+  num_cases: int,
+  layout: str = "flare22",
+  seed: int = 0,
+  shape: Sequence[int] | None = None,
+  spacing: Sequence[float] | None = None,
+) -> list[str]:
   """Write `num_cases` synthetic cases in the FLARE22 or nnU-Net v2 layout; returns case ids.
 
   Case i depends only on (seed, i), so a larger dataset extends a smaller one. Re-running into
@@ -438,8 +550,10 @@ def write_dataset(out_dir: str, num_cases: int, layout: str = "flare22", seed: i
   for d in (images_dir, labels_dir):
     extra = sorted(set(os.listdir(d)) - wanted) if os.path.isdir(d) else []
     if extra:
-      raise DataError(f"{d}: already holds {len(extra)} other file(s) (e.g. {extra[0]}); "
-                      "write the synthetic dataset to an empty directory")
+      raise DataError(
+        f"{d}: already holds {len(extra)} other file(s) (e.g. {extra[0]}); "
+        "write the synthetic dataset to an empty directory"
+      )
     os.makedirs(d, exist_ok=True)
   tmp_dir = os.path.join(out_dir, ".synthetic_partial")
   os.makedirs(tmp_dir, exist_ok=True)
@@ -454,11 +568,11 @@ def write_dataset(out_dir: str, num_cases: int, layout: str = "flare22", seed: i
   if layout == "nnunet":
     names = class_names()
     dataset = {
-        "name": "SyntheticFLARE22",
-        "channel_names": {"0": "CT"},
-        "labels": {"background": 0, **{names[k]: k for k in sorted(names)}},
-        "numTraining": num_cases,
-        "file_ending": ".nii.gz",
+      "name": "SyntheticFLARE22",
+      "channel_names": {"0": "CT"},
+      "labels": {"background": 0, **{names[k]: k for k in sorted(names)}},
+      "numTraining": num_cases,
+      "file_ending": ".nii.gz",
     }
     with open(os.path.join(out_dir, "dataset.json"), "w") as f:
       json.dump(dataset, f, indent=2)
@@ -479,37 +593,53 @@ def _parse_triple(text: str, kind, flag: str):
 
 def _main(argv: list[str]) -> None:
   from absl import app, flags
+
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   start = time.perf_counter()
   try:
-    ids = write_dataset(f.out, f.cases, layout=f.layout, seed=f.seed,
-                        shape=_parse_triple(f.size, int, "size"),
-                        spacing=_parse_triple(f.spacing, float, "spacing"))
+    ids = write_dataset(
+      f.out,
+      f.cases,
+      layout=f.layout,
+      seed=f.seed,
+      shape=_parse_triple(f.size, int, "size"),
+      spacing=_parse_triple(f.spacing, float, "spacing"),
+    )
   except (ValueError, OSError) as e:  # DataError is a ValueError: one line, no traceback
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
-  print(f"wrote {len(ids)} synthetic cases ({f.layout} layout) to {f.out} "
-        f"in {time.perf_counter() - start:.1f} s")
+  print(
+    f"wrote {len(ids)} synthetic cases ({f.layout} layout) to {f.out} "
+    f"in {time.perf_counter() - start:.1f} s"
+  )
 
 
 def _define_flags() -> None:
   # Defined only when run as a script: importing the module must not add flags that could clash
   # with another entry point's.
   from absl import flags
+
   flags.DEFINE_string("out", None, "Output directory.", required=True)
   flags.DEFINE_integer("cases", 10, "Number of cases.", lower_bound=1)
-  flags.DEFINE_enum("layout", "flare22", list(LAYOUTS), "flare22 (images/, labels/) or nnunet "
-                    "(dataset.json, imagesTr/, labelsTr/).")
+  flags.DEFINE_enum(
+    "layout",
+    "flare22",
+    list(LAYOUTS),
+    "flare22 (images/, labels/) or nnunet (dataset.json, imagesTr/, labelsTr/).",
+  )
   flags.DEFINE_integer("seed", 0, "Random seed; case i depends only on (seed, i).")
-  flags.DEFINE_string("size", "", "X,Y,Z voxels of every case "
-                     "(default: 96-128 in-plane, 24-48 slices).")
-  flags.DEFINE_string("spacing", "", "X,Y,Z mm of every case "
-                     "(default: 0.7-0.9 in-plane, 2.5-5 between slices).")
+  flags.DEFINE_string(
+    "size", "", "X,Y,Z voxels of every case (default: 96-128 in-plane, 24-48 slices)."
+  )
+  flags.DEFINE_string(
+    "spacing", "", "X,Y,Z mm of every case (default: 0.7-0.9 in-plane, 2.5-5 between slices)."
+  )
 
 
 if __name__ == "__main__":
   from absl import app
+
   _define_flags()
   app.run(_main)

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import nibabel as nib
 import numpy as np
 
-from vnet_jax.data import DataError
 from vnet_jax.data.folds import check_num_folds, parse_fold
 from vnet_jax.data.layouts import Case, Dataset
+from vnet_jax.errors import DataError, one_line
 
 # Image and label grids must agree to this precision: the direction*spacing matrix to 1e-3
 # relative, the origin to 1e-3 of the smallest voxel plus 1e-4 mm (float32 header rounding).
@@ -31,6 +31,7 @@ ORIGIN_ATOL_MM = 1e-4
 @dataclasses.dataclass(frozen=True)
 class VolumeHeader:
   """What the header says about one file. `shape` has trailing singleton axes removed."""
+
   path: Path
   shape: tuple[int, int, int]
   affine: np.ndarray
@@ -40,17 +41,13 @@ class VolumeHeader:
 @dataclasses.dataclass(frozen=True)
 class CaseHeader:
   """Header facts of a case (from channel 0); `spacing_zyx` is after RAS reorientation."""
+
   case_id: str
   shape: tuple[int, int, int]
   affine: np.ndarray
   spacing: tuple[float, float, float]
   spacing_zyx: tuple[float, float, float]
   shape_zyx: tuple[int, int, int]
-
-
-def _one_line(e: BaseException) -> str:
-  text = " ".join(str(e).split()) or type(e).__name__
-  return text if len(text) < 200 else text[:197] + "..."
 
 
 def read_header(path: str | Path) -> tuple[VolumeHeader, nib.Nifti1Image]:
@@ -61,7 +58,7 @@ def read_header(path: str | Path) -> tuple[VolumeHeader, nib.Nifti1Image]:
   except FileNotFoundError:
     raise DataError(f"{path}: file not found") from None
   except Exception as e:  # nibabel raises many types (ImageFileError, EOFError, zlib.error...)
-    raise DataError(f"{path}: cannot read NIfTI header ({_one_line(e)})") from None
+    raise DataError(f"{path}: cannot read NIfTI header ({one_line(e)})") from None
   if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
     raise DataError(f"{path}: not a NIfTI image ({type(img).__name__})")
   shape = tuple(int(s) for s in img.shape)
@@ -69,14 +66,19 @@ def read_header(path: str | Path) -> tuple[VolumeHeader, nib.Nifti1Image]:
     shape = shape[:-1]
   if len(shape) != 3:
     extra = f" with {int(np.prod(shape[3:]))} volumes" if len(shape) > 3 else ""
-    raise DataError(f"{path}: {len(shape)}D image{extra} {tuple(img.shape)}; expected a 3D "
-                    "volume (one file per channel)")
+    raise DataError(
+      f"{path}: {len(shape)}D image{extra} {tuple(img.shape)}; expected a 3D "
+      "volume (one file per channel)"
+    )
   if min(shape) < 1:
     raise DataError(f"{path}: empty image shape {shape}")
   affine = np.asarray(img.affine, np.float64)
   spacing = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-  if (not np.all(np.isfinite(affine)) or not np.all(spacing > 0)
-      or abs(np.linalg.det(affine[:3, :3])) < 1e-12 * float(np.prod(spacing))):
+  if (
+    not np.all(np.isfinite(affine))
+    or not np.all(spacing > 0)
+    or abs(np.linalg.det(affine[:3, :3])) < 1e-12 * float(np.prod(spacing))
+  ):
     raise DataError(f"{path}: degenerate affine (voxel size {spacing.round(4).tolist()})")
   if str(path).endswith(".nii"):
     # Uncompressed files: a truncation is visible from the size alone, no need to read voxels.
@@ -93,13 +95,13 @@ def affines_close(a: np.ndarray, b: np.ndarray) -> bool:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   spacing = np.sqrt((a[:3, :3] ** 2).sum(axis=0))
   lin_ok = np.abs(a[:3, :3] - b[:3, :3]).max() <= AFFINE_RTOL * spacing.max()
-  origin_ok = (np.abs(a[:3, 3] - b[:3, 3]).max()
-               <= ORIGIN_VOXEL_TOL * spacing.min() + ORIGIN_ATOL_MM)
+  origin_ok = np.abs(a[:3, 3] - b[:3, 3]).max() <= ORIGIN_VOXEL_TOL * spacing.min() + ORIGIN_ATOL_MM
   return bool(lin_ok and origin_ok)
 
 
-def ras_zyx(affine: np.ndarray, shape: Sequence[int],
-            spacing: Sequence[float]) -> tuple[tuple[float, ...], tuple[int, ...]]:
+def ras_zyx(
+  affine: np.ndarray, shape: Sequence[int], spacing: Sequence[float]
+) -> tuple[tuple[float, ...], tuple[int, ...]]:
   """Spacing and shape in the package's (z, y, x) order of the RAS-reoriented volume."""
   ornt = nib.orientations.io_orientation(affine)
   ras_spacing, ras_shape = [0.0] * 3, [0] * 3
@@ -115,12 +117,15 @@ def check_images_header(image_files: Sequence[Path], case_id: str = "") -> CaseH
   for f in image_files[1:]:
     h, _ = read_header(f)
     if h.shape != first.shape:
-      raise DataError(f"{f}: shape {h.shape} differs from channel 0 {first.path.name} "
-                      f"{first.shape}")
+      raise DataError(
+        f"{f}: shape {h.shape} differs from channel 0 {first.path.name} {first.shape}"
+      )
     if not affines_close(h.affine, first.affine):
-      raise DataError(f"{f}: affine differs from channel 0 {first.path.name} "
-                      f"(origin {h.affine[:3, 3].round(3).tolist()} vs "
-                      f"{first.affine[:3, 3].round(3).tolist()})")
+      raise DataError(
+        f"{f}: affine differs from channel 0 {first.path.name} "
+        f"(origin {h.affine[:3, 3].round(3).tolist()} vs "
+        f"{first.affine[:3, 3].round(3).tolist()})"
+      )
   spacing_zyx, shape_zyx = ras_zyx(first.affine, first.shape, first.spacing)
   return CaseHeader(case_id, first.shape, first.affine, first.spacing, spacing_zyx, shape_zyx)
 
@@ -131,17 +136,25 @@ def check_case_header(case: Case) -> CaseHeader:
   if case.label_file is not None:
     lab, _ = read_header(case.label_file)
     if lab.shape != header.shape:
-      raise DataError(f"{case.label_file}: label shape {lab.shape} differs from image "
-                      f"{case.image_files[0].name} {header.shape}")
+      raise DataError(
+        f"{case.label_file}: label shape {lab.shape} differs from image "
+        f"{case.image_files[0].name} {header.shape}"
+      )
     if not affines_close(lab.affine, header.affine):
       diff = np.abs(lab.affine - header.affine).max()
-      raise DataError(f"{case.label_file}: label affine differs from image "
-                      f"{case.image_files[0].name} (max difference {diff:.3g})")
+      raise DataError(
+        f"{case.label_file}: label affine differs from image "
+        f"{case.image_files[0].name} (max difference {diff:.3g})"
+      )
   return header
 
 
-def validate_dataset(dataset: Dataset, num_folds: int | None = None, fold: int | str | None = None,
-                     check_content: bool = False) -> dict[str, CaseHeader]:
+def validate_dataset(
+  dataset: Dataset,
+  num_folds: int | None = None,
+  fold: int | str | None = None,
+  check_content: bool = False,
+) -> dict[str, CaseHeader]:
   """Header checks on every case (fast), fold arguments, and optionally the voxel content.
 
   Returns the headers by case id (preprocessing reuses them, e.g. for the median spacing).
@@ -168,7 +181,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, VolumeHeader]:
   try:
     data = np.asanyarray(img.dataobj)
   except Exception as e:  # truncated gzip: EOFError, zlib.error, OSError, ValueError...
-    raise DataError(f"{header.path}: cannot read image data ({_one_line(e)})") from None
+    raise DataError(f"{header.path}: cannot read image data ({one_line(e)})") from None
   return np.asarray(data).reshape(header.shape), header
 
 
@@ -182,7 +195,7 @@ def _chunks(a: np.ndarray, max_elems: int = 1 << 22) -> Iterable[np.ndarray]:
   """Slabs along axis 0 so whole-volume checks never allocate a volume-sized temporary."""
   step = max(1, max_elems // max(1, int(np.prod(a.shape[1:]))))
   for i in range(0, a.shape[0], step):
-    yield a[i:i + step]
+    yield a[i : i + step]
 
 
 def label_values(label: np.ndarray, path: Path | str = "label") -> np.ndarray:
@@ -198,9 +211,12 @@ def label_values(label: np.ndarray, path: Path | str = "label") -> np.ndarray:
   return np.array(sorted(values), np.int64)
 
 
-def check_case_content(case: Case, image_arrays: Sequence[np.ndarray],
-                       label_array: np.ndarray | None,
-                       class_ids: Iterable[int] | None = None) -> np.ndarray | None:
+def check_case_content(
+  case: Case,
+  image_arrays: Sequence[np.ndarray],
+  label_array: np.ndarray | None,
+  class_ids: Iterable[int] | None = None,
+) -> np.ndarray | None:
   """Content checks on loaded voxels: finite intensities, declared integer label values.
 
   `class_ids` are the declared classes (a dict of names works); None skips the label-value
@@ -218,6 +234,8 @@ def check_case_content(case: Case, image_arrays: Sequence[np.ndarray],
     declared = {int(c) for c in class_ids}
     undeclared = [int(v) for v in values if int(v) not in declared]
     if undeclared:
-      raise DataError(f"{case.label_file}: label value(s) {undeclared[:10]} not declared in "
-                      f"the dataset's classes {sorted(declared)}")
+      raise DataError(
+        f"{case.label_file}: label value(s) {undeclared[:10]} not declared in "
+        f"the dataset's classes {sorted(declared)}"
+      )
   return values

@@ -11,7 +11,7 @@ contrast organs that the network starts to predict only later).
 For a smoke test: --config.num_steps=20.
 """
 
-from experiments import base
+from vnet_jax.experiments import base
 
 
 def get_config():

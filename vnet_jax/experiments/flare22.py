@@ -9,7 +9,7 @@ channels, classes and normalisation come from its dataset.json. Expect roughly n
 organ Dice (~0.85 mean) only after long training (250k steps on a GPU); see docs/performance.md.
 """
 
-from experiments import base
+from vnet_jax.experiments import base
 
 
 def get_config():

@@ -1,4 +1,5 @@
-r"""The seed notebook's recipe on FLARE22: 4 classes, weighted Dice + focal, Adam 1e-4, 128^3, batch 2.
+r"""The seed notebook's recipe on FLARE22: 4 classes, weighted Dice + focal, Adam 1e-4, 128^3,
+batch 2.
 
   python -m vnet_jax.main --experiment=seed --fold=0 --data_dir=data/FLARE22Train
 
@@ -8,7 +9,7 @@ the seed's [0.26, 22.53, 22.53, 26.21]; with weights above 1 the Dice loss can g
 the seed.
 """
 
-from experiments import base
+from vnet_jax.experiments import base
 
 
 def get_config():
