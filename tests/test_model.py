@@ -13,9 +13,8 @@ def _conv(cin, cout, k):
 
 
 def _block(cin, cout, k=3, bn=True):
-  n = (
-    _conv(cin, cout, k) + _conv(cout, cout, k) + (2 * 4 * cout if bn else 0)
-  )  # 2 BNs: scale, bias, mean, var
+  # 2 BNs: scale, bias, mean, var.
+  n = _conv(cin, cout, k) + _conv(cout, cout, k) + (2 * 4 * cout if bn else 0)
   return n + (_conv(cin, cout, 1) if cin != cout else 0)
 
 

@@ -18,6 +18,7 @@ from flax import jax_utils
 
 from tests.conftest import make_tiny_config, tiny_flags
 from vnet_jax import losses, runtime, train
+from vnet_jax.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,13 +34,13 @@ def test_train_step_matches_a_hand_written_adam_step(tmp_path):
   config = make_tiny_config(
     tmp_path, tmp_path, **{"loss.class_weights": (0.5, 1.0, 2.0), "model.dropout_rate": 0.2}
   )
-  model = train.build_model(config, num_classes=3, in_channels=1, bn_axis_name=train.AXIS)
+  model = build_model(config, num_classes=3, in_channels=1, bn_axis_name=train.AXIS)
   state = train.create_train_state(config, model)
   batch = _batch(np.random.default_rng(0), 1, 2, config.patch_size, 3)
   p_step = train.make_p_train_step(config, num_classes=3)
   new_state, step_metrics = p_step(jax_utils.replicate(state), batch)
 
-  ref_model = train.build_model(config, num_classes=3, in_channels=1)
+  ref_model = build_model(config, num_classes=3, in_channels=1)
   key = jax.random.fold_in(jax.random.fold_in(state.rng, 0), 0)
   onehot = jax.nn.one_hot(batch["label"][0], 3)
 
@@ -111,7 +112,8 @@ from tests.conftest import make_tiny_config
 from vnet_jax import train
 assert jax.local_device_count() == 2
 config = make_tiny_config("/nonexistent", "/nonexistent")
-model = train.build_model(config, num_classes=3, in_channels=1, bn_axis_name=train.AXIS)
+from vnet_jax.model import build_model
+model = build_model(config, num_classes=3, in_channels=1, bn_axis_name=train.AXIS)
 state = train.create_train_state(config, model)
 # SGD keeps gradient float noise at noise level (Adam would scale it up to a full step), so the
 # comparison below checks gradients, BatchNorm synchronisation and the Dice sums exactly.

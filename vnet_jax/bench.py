@@ -173,7 +173,7 @@ def _peak_memory_mb() -> float | None:
 
 def _model(num_classes: int, in_channels: int, patch: tuple[int, ...], bn_axis_name: str | None):
   """The VNet and its config as training would build them, with the bench's flags applied."""
-  from vnet_jax import train  # pylint: disable=g-import-not-at-top
+  from vnet_jax import model  # pylint: disable=g-import-not-at-top
   from vnet_jax.experiments import base  # pylint: disable=g-import-not-at-top
 
   config = base.get_config()
@@ -183,7 +183,7 @@ def _model(num_classes: int, in_channels: int, patch: tuple[int, ...], bn_axis_n
   config.compute_dtype = FLAGS.dtype
   config.model.filters = _ints(FLAGS.filters, "filters", max(len(FLAGS.filters), 2))
   config.model.conv_impl = FLAGS.conv_impl
-  return config, train.build_model(config, num_classes, in_channels, bn_axis_name=bn_axis_name)
+  return config, model.build_model(config, num_classes, in_channels, bn_axis_name=bn_axis_name)
 
 
 def _flops(cost) -> float:

@@ -7,6 +7,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 from jax import lax
 
 Dtype = Any
@@ -242,12 +243,10 @@ class VNet(nn.Module):
   batch_norm: bool = True
   dropout_rate: float = 0.1
   downsample: str = "conv"  # "conv" (2x2x2 stride-2 conv) or "maxpool"
-  bn_axis_name: str | None = (
-    None  # pmap axis name: synchronises BatchNorm statistics across devices
-  )
-  conv_impl: str = (
-    "auto"  # "native", "depth_split" (fast on CPU) or "auto"; same parameters and numbers
-  )
+  # pmap axis name: synchronises BatchNorm statistics across devices.
+  bn_axis_name: str | None = None
+  # "native", "depth_split" (fast on CPU) or "auto"; same parameters and numbers.
+  conv_impl: str = "auto"
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -284,3 +283,25 @@ class VNet(nn.Module):
     x = dropout(x)
     logits = Conv3D(self.num_classes, 1, impl, self.dtype)(x)
     return logits.astype(jnp.float32)
+
+
+def build_model(
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  in_channels: int,
+  bn_axis_name: str | None = None,
+) -> VNet:
+  """The VNet a run's config describes (`config.model` and `config.compute_dtype`)."""
+  m = config.model
+  return VNet(
+    num_classes=num_classes,
+    in_channels=in_channels,
+    filters=tuple(m.filters),
+    kernel_size=m.kernel_size,
+    batch_norm=m.batch_norm,
+    dropout_rate=m.dropout_rate,
+    downsample=m.downsample,
+    bn_axis_name=bn_axis_name,
+    conv_impl=m.conv_impl,
+    dtype=jnp.dtype(config.compute_dtype),
+  )

@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from vnet_jax import checkpoint, inference, runtime, train
+from vnet_jax import model as model_lib
 from vnet_jax.data import layouts, preprocess
 from vnet_jax.errors import DataError, UserError
 
@@ -38,7 +39,7 @@ class Predictor:
         f"{e.filename}: missing; is {workdir} the workdir of a training run?"
       ) from None
     self.class_names = {int(k): v for k, v in self.plan["class_names"].items()}
-    model = train.build_model(self.config, len(self.class_names), self.plan["num_channels"])
+    model = model_lib.build_model(self.config, len(self.class_names), self.plan["num_channels"])
     manager = checkpoint.make_manager(workdir, read_only=True)
     self.step = checkpoint.resolve_step(manager, which)
     state = checkpoint.restore(manager, self.step, train.create_train_state(self.config, model))

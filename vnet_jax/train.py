@@ -18,6 +18,7 @@ from flax.training import train_state
 
 from vnet_jax import checkpoint, inference, losses, metrics, report, runtime
 from vnet_jax import evaluate as scoring
+from vnet_jax import model as model_lib
 from vnet_jax.data import augment, folds, layouts, pipeline, preprocess
 from vnet_jax.errors import DataError, TrainingError
 from vnet_jax.files import write_json_atomic
@@ -32,27 +33,6 @@ class TrainState(train_state.TrainState):
 
 
 # ---------------------------------------------------------------------------- model and optimizer
-
-
-def build_model(
-  config: ml_collections.ConfigDict,
-  num_classes: int,
-  in_channels: int,
-  bn_axis_name: str | None = None,
-) -> VNet:
-  m = config.model
-  return VNet(
-    num_classes=num_classes,
-    in_channels=in_channels,
-    filters=tuple(m.filters),
-    kernel_size=m.kernel_size,
-    batch_norm=m.batch_norm,
-    dropout_rate=m.dropout_rate,
-    downsample=m.downsample,
-    bn_axis_name=bn_axis_name,
-    conv_impl=m.conv_impl,
-    dtype=jnp.dtype(config.compute_dtype),
-  )
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -445,7 +425,7 @@ def train_and_evaluate(
       f"{num_classes} classes, {jax.device_count()} device(s), cache {cache.dir}",
       flush=True,
     )
-  model = build_model(config, num_classes, cache.num_channels, bn_axis_name=AXIS)
+  model = model_lib.build_model(config, num_classes, cache.num_channels, bn_axis_name=AXIS)
   state = create_train_state(config, model)
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
 

@@ -57,15 +57,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.preprocess_workers = 2
   c.data.loader_workers = 0  # Grain worker processes (0: in the training process)
   c.data.foreground_fraction = 1 / 3
-  c.data.synthetic_cases = (
-    0  # > 0: generate a synthetic FLARE22-like dataset when data_dir is missing
-  )
+  # > 0: generate a synthetic FLARE22-like dataset when data_dir is missing.
+  c.data.synthetic_cases = 0
   c.data.synthetic_size = config_dict.placeholder(tuple)  # (x, y, z) voxels of synthetic cases
 
   c.augment = ml_collections.ConfigDict()
-  c.augment.flip_prob = (
-    0.0  # off: FLARE22 labels kidneys and adrenals by side, mirroring swaps them
-  )
+  # Off: FLARE22 labels kidneys and adrenals by side, and mirroring swaps them.
+  c.augment.flip_prob = 0.0
   c.augment.scale_prob = 0.15
   c.augment.contrast_prob = 0.15
   c.augment.shift_prob = 0.15
