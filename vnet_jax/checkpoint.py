@@ -30,11 +30,9 @@ def make_manager(
       ),
     ]
   )
+  # A reader neither creates nor cleans up; Orbax's own read_only mode would only add warnings.
   options = ocp.CheckpointManagerOptions(
-    preservation_policy=policy,
-    cleanup_tmp_directories=not read_only,
-    read_only=read_only,
-    create=not read_only,
+    preservation_policy=policy, cleanup_tmp_directories=not read_only, create=not read_only
   )
   return ocp.CheckpointManager(
     Path(workdir).absolute() / "checkpoints", options=options, item_names=("state", "data_iter")
@@ -73,7 +71,12 @@ def resolve_step(manager: ocp.CheckpointManager, which: str | int) -> int:
   if which == "best":
     best = best_step(manager)
     return manager.latest_step() if best is None else best
-  step = int(which)
+  try:
+    step = int(which)
+  except ValueError:
+    raise CheckpointError(
+      f"{manager.directory}: checkpoint {which!r} is not 'best', 'latest' or a step number"
+    ) from None
   if step not in steps:
     raise CheckpointError(
       f"{manager.directory}: no checkpoint at step {step} (have {sorted(steps)})"
@@ -81,13 +84,25 @@ def resolve_step(manager: ocp.CheckpointManager, which: str | int) -> int:
   return step
 
 
+def _restore(manager: ocp.CheckpointManager, step: int, **items) -> Any:
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**items))
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise CheckpointError(f"{manager.directory / str(step)}: cannot restore ({one_line(e)})") from e
+
+
 def restore(manager: ocp.CheckpointManager, step: int, template: Any, data_iter=None) -> Any:
   """Restores into an unreplicated template (replicate afterwards); moves data_iter in place."""
   items = {"state": ocp.args.StandardRestore(jax.device_get(template))}
   if data_iter is not None:
     items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(**items))
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    raise CheckpointError(f"{manager.directory / str(step)}: cannot restore ({one_line(e)})") from e
-  return jax.tree_util.tree_map(np.asarray, restored["state"])
+  return jax.tree_util.tree_map(np.asarray, _restore(manager, step, **items)["state"])
+
+
+def restore_variables(manager: ocp.CheckpointManager, step: int, template: Any) -> dict:
+  """Only {"params", "batch_stats"} of a saved train state, for inference: the optimizer state
+  and the data-iterator position stay on disk. `template` holds arrays or ShapeDtypeStructs
+  with those two keys (e.g. `jax.eval_shape` of the model's init)."""
+  item = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), dict(template))
+  state = ocp.args.PyTreeRestore(item=item, partial_restore=True)
+  return jax.tree_util.tree_map(np.asarray, dict(_restore(manager, step, state=state)["state"]))

@@ -22,7 +22,8 @@ _HUGE_PAGES_HELP = (
 
 def _define_common_flags() -> None:
   if "huge_pages" not in flags.FLAGS:
-    flags.DEFINE_bool("huge_pages", True, _HUGE_PAGES_HELP)
+    # Registered under the running program, so its --help lists it with the program's flags.
+    flags.DEFINE_bool("huge_pages", True, _HUGE_PAGES_HELP, module_name=sys.argv[0])
 
 
 def run(main: Callable[[list[str]], object], flags_parser: Callable | None = None) -> None:

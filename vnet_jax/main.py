@@ -15,7 +15,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from vnet_jax import cli
-from vnet_jax.errors import DataError
+from vnet_jax.errors import DataError, one_line
 
 flags.DEFINE_string(
   "experiment",
@@ -72,16 +72,17 @@ def parse_flags(argv: list[str]) -> list[str]:
     path = experiment_path(_experiment_in(argv))
   except DataError as e:
     sys.exit(f"error: {e}")
-  config_flags.DEFINE_config_file(
-    "config",
-    str(path),
-    "The experiment's config; override fields with --config.FIELD=VALUE.",
-    sys_argv=argv,
-  )
   try:
+    config_flags.DEFINE_config_file(
+      "config",
+      str(path),
+      "The experiment's config; override fields with --config.FIELD=VALUE.",
+      sys_argv=argv,
+    )
     return FLAGS(argv)
-  except flags.Error as e:
-    sys.exit(f"error: {e}\nPass --help for the flags.")
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections reports an unknown --config.FIELD as a bare AttributeError.
+    sys.exit(f"error: bad flags ({type(e).__name__}: {one_line(e)}); see --help")
 
 
 def _maybe_initialize_distributed() -> None:

@@ -102,9 +102,9 @@ def pmap(fn: Callable, **pmap_kwargs) -> Pmapped:
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb"
 
 
-# Modules whose presence means a debugger or profiler drives this process: a restart would
-# leave it behind.
-_TOOL_MODULES = ("pdb", "cProfile", "profile", "pydevd", "debugpy", "pyinstrument", "yappi")
+# IDE debuggers loaded into this process (pdb and the profilers show as a trace or profile
+# function instead; absl imports pdb itself, so its presence means nothing).
+_TOOL_MODULES = ("pydevd", "debugpy")
 
 
 def under_debugger_or_profiler() -> bool:

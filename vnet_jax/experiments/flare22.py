@@ -5,8 +5,9 @@ Get FLARE22Train.zip from Zenodo record 7860267 and unzip it to data/FLARE22Trai
   python -m vnet_jax.main --experiment=flare22 --fold=0 --data_dir=data/FLARE22Train
 
 Any nnU-Net v2 dataset (dataset.json + imagesTr/ + labelsTr/) works with the same command:
-channels, classes and normalisation come from its dataset.json. Expect roughly nnU-Net-level
-organ Dice (~0.85 mean) only after long training (250k steps on a GPU); see docs/performance.md.
+channels, classes and normalisation come from its dataset.json. The default schedule is
+250k steps, sized for a GPU; no FLARE22 figure has been measured with this package yet
+(docs/results.md lists what has been).
 """
 
 from vnet_jax.experiments import base
