@@ -8,8 +8,32 @@ from scipy import ndimage
 
 from vnet_jax.data import augment as aug_lib
 from vnet_jax.data.augment import AugmentConfig
+from vnet_jax.experiments import base
 
 SHAPE = (12, 16, 20)
+# nnU-Net v2's ranges: with `_only`, a test switches on one augmentation at its usual strength.
+RANGES = dict(
+  flip_axes=(0, 1, 2),
+  scale_range=(0.75, 1.25),
+  contrast_range=(0.75, 1.25),
+  shift_range=(-0.1, 0.1),
+  noise_variance=(0.0, 0.1),
+  gamma_range=(0.7, 1.5),
+  rotation_range_deg=30.0,
+  scaling_range=(0.7, 1.4),
+)
+ALL_ON = AugmentConfig(
+  **RANGES,
+  flip_prob=0.5,
+  scale_prob=1.0,
+  contrast_prob=1.0,
+  shift_prob=1.0,
+  noise_prob=1.0,
+  gamma_prob=1.0,
+  rotation_prob=1.0,
+  rotation_in_plane_only=False,
+  scaling_prob=1.0,
+)
 
 
 def _patch(seed=0, channels=1):
@@ -23,7 +47,7 @@ def _patch(seed=0, channels=1):
 
 
 def _only(**kw):
-  return dataclasses.replace(AugmentConfig.none(), **kw)
+  return dataclasses.replace(AugmentConfig.none(), **{**RANGES, **kw})
 
 
 def test_none_leaves_data_unchanged_and_input_untouched():
@@ -36,9 +60,10 @@ def test_none_leaves_data_unchanged_and_input_untouched():
     np.testing.assert_array_equal(out_img, image0)
     np.testing.assert_array_equal(out_lab, label0)
     assert out_img.dtype == np.float32
-  # Default augmentation, not in place: the caller's arrays must not change.
+  # Every augmentation on, not in place: the caller's arrays must not change.
   for seed in range(5):
-    aug_lib.augment(image, label, np.random.default_rng(seed), AugmentConfig())
+    out_img, _ = aug_lib.augment(image, label, np.random.default_rng(seed), ALL_ON)
+    assert not np.allclose(out_img, image0)
   np.testing.assert_array_equal(image, image0)
   np.testing.assert_array_equal(label, label0)
 
@@ -142,23 +167,31 @@ def test_rotation_and_scaling_keep_label_values_and_shapes():
 
 
 def test_config_from_dict_and_validation():
-  base = {
-    "flip_prob": 0.5,
-    "scale_prob": 0.15,
-    "shift_prob": 0.15,
-    "noise_prob": 0.1,
-    "gamma_prob": 0.3,
-    "gamma_range": [0.8, 1.2],
-  }
-  cfg = AugmentConfig.from_dict(base)
-  assert cfg.gamma_range == (0.8, 1.2) and cfg.shift_prob == 0.15
+  d = dataclasses.asdict(ALL_ON) | {"gamma_range": [0.8, 1.2], "flip_axes": [0, 2]}
+  cfg = AugmentConfig.from_dict(d)
+  assert cfg.gamma_range == (0.8, 1.2) and cfg.flip_axes == (0, 2) and cfg.shift_prob == 1.0
   hash(cfg)  # frozen and hashable, lists turned into tuples
-  assert AugmentConfig.from_dict(None) == AugmentConfig()
   with pytest.raises(ValueError, match="unknown"):
-    AugmentConfig.from_dict({"flip_probability": 0.5})
+    AugmentConfig.from_dict(d | {"flip_probability": 0.5})
+  with pytest.raises(ValueError, match=r"\['gamma_range'\] missing"):
+    AugmentConfig.from_dict({k: v for k, v in d.items() if k != "gamma_range"})
+  with pytest.raises(TypeError):
+    AugmentConfig(flip_prob=0.5)  # no defaults: every field is given
   with pytest.raises(ValueError):
-    AugmentConfig(flip_prob=1.5)
+    dataclasses.replace(ALL_ON, flip_prob=1.5)
+  with pytest.raises(ValueError, match="low > high"):
+    dataclasses.replace(ALL_ON, scale_range=(1.2, 0.8))
   none = AugmentConfig.none()
+  assert aug_lib.as_config(None) == none and aug_lib.as_config(d) == cfg
+  assert not none.spatial
   assert all(
     getattr(none, f.name) == 0 for f in dataclasses.fields(none) if f.name.endswith("_prob")
   )
+
+
+def test_experiment_config_names_every_field():
+  # The one place with values: the experiment config. Mirroring stays off there because
+  # FLARE22 labels kidneys and adrenal glands by side.
+  cfg = AugmentConfig.from_dict(base.get_config().augment)
+  assert cfg.flip_prob == 0.0
+  assert cfg.gamma_prob > 0 and cfg.gamma_range[0] < 1 < cfg.gamma_range[1]

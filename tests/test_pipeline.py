@@ -1,5 +1,7 @@
-"""Grain training pipeline on a tiny fake cache written with np.save (no preprocessing code)."""
+"""Grain training pipeline and patch sampling (`pipeline`, `patches`) on a tiny fake cache written
+with np.save (no preprocessing code)."""
 
+import dataclasses
 import itertools
 import json
 import subprocess
@@ -8,17 +10,37 @@ from pathlib import Path
 
 import grain
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from absl import flags
 from scipy import ndimage
 
-from vnet_jax.data import pipeline
+from vnet_jax import checkpoint
+from vnet_jax.data import patches, pipeline
 from vnet_jax.data.augment import AugmentConfig
 from vnet_jax.errors import DataError
 
 PATCH = (16, 16, 16)
 BORDER = PATCH[0] // 2  # labels stay this far from the border: fg patches are exactly centred
+# nnU-Net v2's intensity augmentations and flips: random per patch, so streams show any mix-up.
+AUG = AugmentConfig(
+  flip_prob=0.5,
+  flip_axes=(0, 1, 2),
+  scale_prob=0.15,
+  scale_range=(0.75, 1.25),
+  contrast_prob=0.15,
+  contrast_range=(0.75, 1.25),
+  shift_prob=0.15,
+  shift_range=(-0.1, 0.1),
+  noise_prob=0.1,
+  noise_variance=(0.0, 0.1),
+  gamma_prob=0.3,
+  gamma_range=(0.7, 1.5),
+  rotation_prob=0.0,
+  rotation_range_deg=0.0,
+  rotation_in_plane_only=False,
+  scaling_prob=0.0,
+  scaling_range=(1.0, 1.0),
+)
 
 
 def _write_case(root: Path, cid: str, shape, rng, dtype=np.float32, channels=1, border=BORDER):
@@ -69,7 +91,7 @@ def _assert_same(a, b):
 
 def _make(cache, **kw):
   root, ids = cache
-  args = dict(patch_size=PATCH, per_device_batch=2, num_local_devices=2, seed=7)
+  args = dict(patch_size=PATCH, per_device_batch=2, num_local_devices=2, seed=7, aug=AUG)
   args.update(kw)
   return pipeline.make_train_dataset(root, ids, **args)
 
@@ -82,7 +104,10 @@ def test_batch_shapes_and_dtypes(cache):
 
 
 def test_spatial_augmentation_in_pipeline(cache):
-  aug = AugmentConfig(rotation_prob=1.0, scaling_prob=1.0)
+  aug = AugmentConfig.from_dict(
+    dataclasses.asdict(AUG)
+    | dict(rotation_prob=1.0, rotation_range_deg=30.0, scaling_prob=1.0, scaling_range=(0.7, 1.4))
+  )
   (b,) = _batches(_make(cache, aug=aug, num_local_devices=1), 1)
   assert b["image"].shape == (1, 2) + PATCH + (1,) and b["label"].shape == (1, 2) + PATCH
   assert set(np.unique(b["label"])) <= {0, 1, 2} and np.isfinite(b["image"]).all()
@@ -223,58 +248,41 @@ def test_workers_match_in_process_and_state_is_portable(cache, parsed_flags):
   _assert_same(_batches(_make(cache, num_workers=0), 2, state=state), in_process[3:])
 
 
-def test_orbax_checkpoint_manager_round_trip(cache, tmp_path):
-  ds = _make(cache)
-  it = iter(ds)
+def test_iterator_position_round_trips_through_a_checkpoint(cache, tmp_path):
+  it = iter(_make(cache))
   for _ in range(3):
     next(it)
-  options = ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False)
-  with ocp.CheckpointManager(
-    tmp_path / "ckpt", options=options, item_names=("state", "data_iter")
-  ) as mngr:
-    mngr.save(
-      3,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardSave({"w": np.arange(3.0)}),
-        data_iter=pipeline.checkpoint_save_args(it),
-      ),
-    )
+  with checkpoint.make_manager(tmp_path) as mngr:
+    checkpoint.save(mngr, 3, {"w": np.arange(3.0)}, data_iter=it)
     mngr.wait_until_finished()
     expected = [{k: np.array(v) for k, v in next(it).items()} for _ in range(2)]
     it.close()
 
     fresh = iter(_make(cache))
     try:
-      restored = mngr.restore(
-        mngr.latest_step(),
-        args=ocp.args.Composite(
-          state=ocp.args.StandardRestore({"w": np.zeros(3)}),
-          data_iter=pipeline.checkpoint_restore_args(fresh),
-        ),
-      )
-      assert restored["data_iter"] is fresh and fresh.get_state() == {"next_batch": 3}
-      np.testing.assert_array_equal(restored["state"]["w"], np.arange(3.0))
+      state = checkpoint.restore(mngr, mngr.latest_step(), {"w": np.zeros(3)}, data_iter=fresh)
+      assert fresh.get_state() == {"next_batch": 3}
+      np.testing.assert_array_equal(state["w"], np.arange(3.0))
       got = [{k: np.array(v) for k, v in next(fresh).items()} for _ in range(2)]
     finally:
       fresh.close()
   _assert_same(got, expected)
 
 
-def test_validation_cases_and_errors(cache, tmp_path):
+def test_case_source_refuses_missing_cases(cache):
   root, ids = cache
-  cases = list(pipeline.iterate_validation_cases(root, ids[:2]))
-  assert [c[0] for c in cases] == ids[:2]
-  for cid, image, label in cases:
-    assert image.dtype == np.float32 and image.ndim == 4 and label.shape == image.shape[:3]
-    np.testing.assert_array_equal(label, np.load(root / "cases" / cid / "label.npy"))
   with pytest.raises(DataError, match="missing_case"):
-    pipeline.CaseSource(root, ids + ["missing_case"])
-  bad = tmp_path / "cases" / "bad"
-  bad.mkdir(parents=True)
-  np.save(bad / "image.npy", np.zeros((4, 4, 4, 1), np.float32))
-  np.save(bad / "label.npy", np.zeros((4, 4, 5), np.uint8))
-  with pytest.raises(DataError, match="label.npy"):
-    next(pipeline.iterate_validation_cases(tmp_path, ["bad"]))
+    patches.CaseSource(root, ids + ["missing_case"])
+
+
+def test_augmentation_is_never_implicit(cache):
+  root, ids = cache
+  with pytest.raises(TypeError, match="aug"):
+    pipeline.make_train_dataset(
+      root, ids, patch_size=PATCH, per_device_batch=1, num_local_devices=1, seed=0
+    )
+  sampler = patches.PatchSampler(patches.CaseSource(root, ids), PATCH, None)
+  assert sampler.aug == AugmentConfig.none()
 
 
 def test_epoch_shuffle_visits_every_case_once_per_epoch():
@@ -289,10 +297,10 @@ def test_epoch_shuffle_visits_every_case_once_per_epoch():
 
 def test_is_foreground_patch_fraction():
   for f in (0.0, 1 / 3, 0.5, 0.25, 1.0):
-    n = sum(pipeline.is_foreground_patch(g, f) for g in range(1200))
+    n = sum(patches.is_foreground_patch(g, f) for g in range(1200))
     assert n == round(1200 * f)
   assert list(
-    itertools.islice((g for g in range(100) if pipeline.is_foreground_patch(g, 1 / 3)), 3)
+    itertools.islice((g for g in range(100) if patches.is_foreground_patch(g, 1 / 3)), 3)
   ) == [2, 5, 8]
 
 

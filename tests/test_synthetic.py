@@ -12,6 +12,7 @@ import pytest
 from scipy import ndimage
 
 from vnet_jax.data import synthetic
+from vnet_jax.data.layouts import FLARE22_CLASSES
 from vnet_jax.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,8 +68,8 @@ def test_nnunet_layout_and_dataset_json(tmp_path):
   assert spec["channel_names"] == {"0": "CT"}
   assert spec["numTraining"] == 2
   assert spec["file_ending"] == ".nii.gz"
-  names = synthetic.class_names()
-  assert spec["labels"] == {"background": 0, **{names[k]: k for k in range(1, 14)}}
+  assert spec["labels"] == {name: k for k, name in FLARE22_CLASSES.items()}
+  assert list(spec["labels"].values()) == list(range(14))  # background first
   assert spec["labels"]["liver"] == 1 and spec["labels"]["left kidney"] == 13
   img = nib.load(str(tmp_path / "imagesTr" / f"{ids[0]}_0000.nii.gz"))
   assert sorted(img.shape) == [12, 48, 48]

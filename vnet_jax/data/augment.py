@@ -5,12 +5,10 @@ Intensity augmentations never touch the label; flips and the spatial transform m
 label together. Everything is drawn from the `np.random.Generator` Grain gives each patch, so a
 patch is a pure function of (seed, patch index) whatever the number of workers.
 
-Defaults follow nnU-Net v2 (flip 0.5 per axis, multiplicative brightness 0.15 in [0.75, 1.25],
-contrast 0.15 in [0.75, 1.25], Gaussian noise 0.1 with variance in [0, 0.1], gamma 0.3 in
-[0.7, 1.5] on min-max rescaled intensities), plus an additive shift 0.15 in [-0.1, 0.1]
-(not in nnU-Net; experiments/base.py sets shift_prob). Rotation and scaling default to 0:
-scipy's order-1 `affine_transform` costs about 0.1 s per 128^3 patch, which would dominate a
-CPU loader.
+`AugmentConfig` has no defaults: the values a run uses are the experiment config's
+(`vnet_jax/experiments/base.py`, `c.augment`), and `AugmentConfig.none()` turns everything off.
+Spatial transforms (rotation, zoom) use scipy's order-1 `affine_transform`, about 0.1 s per
+128^3 patch, which dominates a CPU loader when they are on.
 """
 
 import dataclasses
@@ -24,25 +22,25 @@ from scipy import ndimage
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-  """Probabilities (per patch) and ranges of each augmentation."""
+  """Probabilities (per patch) and ranges of each augmentation, every field given explicitly."""
 
-  flip_prob: float = 0.5  # independently per axis in flip_axes
-  flip_axes: tuple[int, ...] = (0, 1, 2)
-  scale_prob: float = 0.15  # multiplicative brightness: x * f
-  scale_range: tuple[float, float] = (0.75, 1.25)
-  contrast_prob: float = 0.15  # (x - mean) * f + mean, clipped to the patch's original range
-  contrast_range: tuple[float, float] = (0.75, 1.25)
-  shift_prob: float = 0.15  # additive brightness: x + s (units of the normalised intensity)
-  shift_range: tuple[float, float] = (-0.1, 0.1)
-  noise_prob: float = 0.1  # additive N(0, variance), variance drawn from noise_variance
-  noise_variance: tuple[float, float] = (0.0, 0.1)
-  gamma_prob: float = 0.3  # ((x - min) / (max - min)) ** g * (max - min) + min
-  gamma_range: tuple[float, float] = (0.7, 1.5)
-  rotation_prob: float = 0.0  # rotation about the patch centre (order 1 image, order 0 label)
-  rotation_range_deg: float = 30.0  # uniform in [-r, r] about each rotated axis
-  rotation_in_plane_only: bool = False  # only about the D axis (for anisotropic spacing)
-  scaling_prob: float = 0.0  # isotropic zoom about the patch centre
-  scaling_range: tuple[float, float] = (0.7, 1.4)  # > 1 zooms in
+  flip_prob: float  # independently per axis in flip_axes
+  flip_axes: tuple[int, ...]
+  scale_prob: float  # multiplicative brightness: x * f
+  scale_range: tuple[float, float]
+  contrast_prob: float  # (x - mean) * f + mean, clipped to the patch's original range
+  contrast_range: tuple[float, float]
+  shift_prob: float  # additive brightness: x + s (units of the normalised intensity)
+  shift_range: tuple[float, float]
+  noise_prob: float  # additive N(0, variance), variance drawn from noise_variance
+  noise_variance: tuple[float, float]
+  gamma_prob: float  # ((x - min) / (max - min)) ** g * (max - min) + min
+  gamma_range: tuple[float, float]
+  rotation_prob: float  # rotation about the patch centre (order 1 image, order 0 label)
+  rotation_range_deg: float  # uniform in [-r, r] about each rotated axis
+  rotation_in_plane_only: bool  # only about the D axis (for anisotropic spacing)
+  scaling_prob: float  # isotropic zoom about the patch centre
+  scaling_range: tuple[float, float]  # > 1 zooms in
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
@@ -64,20 +62,39 @@ class AugmentConfig:
 
   @classmethod
   def none(cls) -> "AugmentConfig":
-    """No augmentation at all."""
-    return cls(**{f.name: 0.0 for f in dataclasses.fields(cls) if f.name.endswith("_prob")})
+    """No augmentation at all: every probability 0 and every range the identity."""
+    return cls(
+      flip_prob=0.0,
+      flip_axes=(),
+      scale_prob=0.0,
+      scale_range=(1.0, 1.0),
+      contrast_prob=0.0,
+      contrast_range=(1.0, 1.0),
+      shift_prob=0.0,
+      shift_range=(0.0, 0.0),
+      noise_prob=0.0,
+      noise_variance=(0.0, 0.0),
+      gamma_prob=0.0,
+      gamma_range=(1.0, 1.0),
+      rotation_prob=0.0,
+      rotation_range_deg=0.0,
+      rotation_in_plane_only=False,
+      scaling_prob=0.0,
+      scaling_range=(1.0, 1.0),
+    )
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any] | None) -> "AugmentConfig":
-    """From a dict or ConfigDict (e.g. `config.augment`); unknown keys raise ValueError."""
-    if d is None:
-      return cls()
+  def from_dict(cls, d: Mapping[str, Any]) -> "AugmentConfig":
+    """From a dict or ConfigDict (e.g. `config.augment`) naming every field; ValueError for an
+    unknown or a missing one."""
     if hasattr(d, "to_dict"):
       d = d.to_dict()
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
+    unknown, missing = sorted(set(d) - names), sorted(names - set(d))
     if unknown:
       raise ValueError(f"unknown augmentation settings {unknown}; known: {sorted(names)}")
+    if missing:
+      raise ValueError(f"augmentation settings {missing} missing (no defaults: give every one)")
     # ConfigDict and the command line give lists; the dataclass is frozen and hashable.
     return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()})
 
@@ -87,6 +104,9 @@ class AugmentConfig:
 
 
 def as_config(aug: "AugmentConfig | Mapping[str, Any] | None") -> AugmentConfig:
+  """`aug` as an AugmentConfig; None means no augmentation."""
+  if aug is None:
+    return AugmentConfig.none()
   return aug if isinstance(aug, AugmentConfig) else AugmentConfig.from_dict(aug)
 
 

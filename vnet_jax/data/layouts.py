@@ -187,7 +187,8 @@ def _pair_labels(
   )
 
 
-def _read_dataset_json(path: Path) -> tuple[tuple[str, ...], dict[int, str], str]:
+def read_dataset_json(path: Path) -> tuple[tuple[str, ...], dict[int, str], str]:
+  """(channel names, {id: name} with background 0, file ending) of an nnU-Net v2 dataset.json."""
   try:
     spec = json.loads(path.read_text())
   except (OSError, UnicodeDecodeError) as e:
@@ -236,7 +237,7 @@ def discover_dataset(path: str | Path) -> Dataset:
   if not root.is_dir():
     raise DataError(f"{root}: not a directory; {_EXPECTED_LAYOUTS}")
   if (root / "dataset.json").is_file():
-    channel_names, class_names, ending = _read_dataset_json(root / "dataset.json")
+    channel_names, class_names, ending = read_dataset_json(root / "dataset.json")
     image_dir = root / "imagesTr"
     if not image_dir.is_dir():
       raise DataError(f"{image_dir}: image directory missing (nnU-Net v2 layout)")

@@ -40,27 +40,12 @@ import numpy as np
 from nibabel import orientations as nio
 from scipy import ndimage
 
+from vnet_jax.data.layouts import FLARE22_CLASSES
 from vnet_jax.errors import DataError
 
 LAYOUTS = ("flare22", "nnunet")
 
-# Used only when vnet_jax.data.layouts (the shared table) is not importable.
-_FALLBACK_CLASSES = {
-  1: "liver",
-  2: "right kidney",
-  3: "spleen",
-  4: "pancreas",
-  5: "aorta",
-  6: "inferior vena cava",
-  7: "right adrenal gland",
-  8: "left adrenal gland",
-  9: "gallbladder",
-  10: "esophagus",
-  11: "stomach",
-  12: "duodenum",
-  13: "left kidney",
-}
-
+# The label ids of layouts.FLARE22_CLASSES.
 (
   LIVER,
   RIGHT_KIDNEY,
@@ -108,16 +93,6 @@ _AIR, _FAT, _VISCERAL_FAT, _MUSCLE, _LUNG = -1000.0, -100.0, -90.0, 50.0, -850.0
 # below assume a body half-depth of 0.72 and are rescaled to each case's depth.
 _REF_DEPTH = 0.72
 _T_EXTENT = 2.0
-
-
-def class_names() -> dict[int, str]:
-  """Organ id -> name, from vnet_jax.data.layouts when it is there (one table for the package)."""
-  try:
-    from vnet_jax.data.layouts import FLARE22_CLASSES
-  except ImportError:  # the generator must also work on its own
-    return dict(_FALLBACK_CLASSES)
-  names = {int(k): str(v) for k, v in dict(FLARE22_CLASSES).items() if int(k) != 0}
-  return names if sorted(names) == list(range(1, NUM_ORGANS + 1)) else dict(_FALLBACK_CLASSES)
 
 
 def case_ids(num_cases: int) -> list[str]:
@@ -566,11 +541,10 @@ def write_dataset(
     _save(label, affine, os.path.join(labels_dir, f"{case}.nii.gz"), tmp_dir)
   shutil.rmtree(tmp_dir, ignore_errors=True)
   if layout == "nnunet":
-    names = class_names()
     dataset = {
       "name": "SyntheticFLARE22",
       "channel_names": {"0": "CT"},
-      "labels": {"background": 0, **{names[k]: k for k in sorted(names)}},
+      "labels": {name: k for k, name in sorted(FLARE22_CLASSES.items())},
       "numTraining": num_cases,
       "file_ending": ".nii.gz",
     }

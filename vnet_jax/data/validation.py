@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from vnet_jax.data.folds import check_num_folds, parse_fold
+from vnet_jax.data.geometry import ras_zyx
 from vnet_jax.data.layouts import Case, Dataset
 from vnet_jax.errors import DataError, one_line
 
@@ -97,18 +98,6 @@ def affines_close(a: np.ndarray, b: np.ndarray) -> bool:
   lin_ok = np.abs(a[:3, :3] - b[:3, :3]).max() <= AFFINE_RTOL * spacing.max()
   origin_ok = np.abs(a[:3, 3] - b[:3, 3]).max() <= ORIGIN_VOXEL_TOL * spacing.min() + ORIGIN_ATOL_MM
   return bool(lin_ok and origin_ok)
-
-
-def ras_zyx(
-  affine: np.ndarray, shape: Sequence[int], spacing: Sequence[float]
-) -> tuple[tuple[float, ...], tuple[int, ...]]:
-  """Spacing and shape in the package's (z, y, x) order of the RAS-reoriented volume."""
-  ornt = nib.orientations.io_orientation(affine)
-  ras_spacing, ras_shape = [0.0] * 3, [0] * 3
-  for i in range(3):
-    ras_spacing[int(ornt[i, 0])] = float(spacing[i])
-    ras_shape[int(ornt[i, 0])] = int(shape[i])
-  return tuple(ras_spacing[::-1]), tuple(ras_shape[::-1])
 
 
 def check_images_header(image_files: Sequence[Path], case_id: str = "") -> CaseHeader:

@@ -61,14 +61,28 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.synthetic_cases = 0
   c.data.synthetic_size = config_dict.placeholder(tuple)  # (x, y, z) voxels of synthetic cases
 
+  # Every field of data.augment.AugmentConfig (it has no defaults). nnU-Net v2's probabilities
+  # and ranges, except flips (off) and the additive shift (not in nnU-Net).
   c.augment = ml_collections.ConfigDict()
   # Off: FLARE22 labels kidneys and adrenals by side, and mirroring swaps them.
   c.augment.flip_prob = 0.0
-  c.augment.scale_prob = 0.15
+  c.augment.flip_axes = (0, 1, 2)
+  c.augment.scale_prob = 0.15  # multiplicative brightness
+  c.augment.scale_range = (0.75, 1.25)
   c.augment.contrast_prob = 0.15
-  c.augment.shift_prob = 0.15
+  c.augment.contrast_range = (0.75, 1.25)
+  c.augment.shift_prob = 0.15  # additive brightness, in normalised intensity units
+  c.augment.shift_range = (-0.1, 0.1)
   c.augment.noise_prob = 0.1
+  c.augment.noise_variance = (0.0, 0.1)
   c.augment.gamma_prob = 0.3
+  c.augment.gamma_range = (0.7, 1.5)
+  # Rotation and zoom off: scipy's affine_transform costs ~0.1 s per 128^3 patch on a CPU.
+  c.augment.rotation_prob = 0.0
+  c.augment.rotation_range_deg = 30.0
+  c.augment.rotation_in_plane_only = False
+  c.augment.scaling_prob = 0.0
+  c.augment.scaling_range = (0.7, 1.4)  # > 1 zooms in
 
   c.inference = ml_collections.ConfigDict()
   c.inference.overlap = 0.5
