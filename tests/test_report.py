@@ -2,18 +2,21 @@
 
 import html
 import json
+import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
-import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
+from tests.test_plots import assert_png
 from vnet_jax import report
-from vnet_jax.data import preprocess as pp
+from vnet_jax.data import cache as cache_lib
 from vnet_jax.data import synthetic
+from vnet_jax.data.plan import PreprocessSettings
 from vnet_jax.errors import DataError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,8 +29,10 @@ def cache(tmp_path_factory):
   root = tmp_path_factory.mktemp("synthetic")
   synthetic.write_dataset(str(root / "ds"), 2, shape=(32, 32, 12))
   # Three organs, as a 3-class experiment's label_map would give.
-  settings = pp.PreprocessSettings(label_map=((1, 1), (2, 2), (3, 3)))
-  return pp.prepare_dataset(root / "ds", settings, root / "cache", num_workers=0, progress=False)
+  settings = PreprocessSettings(label_map=((1, 1), (2, 2), (3, 3)))
+  return cache_lib.prepare_dataset(
+    root / "ds", settings, root / "cache", num_workers=0, progress=False
+  )
 
 
 def organ_scores(dice, nsd, hd95):
@@ -100,13 +105,6 @@ def make_workdir(path: Path, cache) -> Path:
   return path
 
 
-def assert_png(path: Path):
-  assert path.is_file(), path
-  img = mpimg.imread(path)
-  assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100 and img.shape[2] in (3, 4)
-  assert img[..., :3].std() > 0.01  # not a blank canvas
-
-
 def test_make_report(tmp_path, cache):
   wd = make_workdir(tmp_path / "run", cache)
   (wd / "plots").mkdir()
@@ -125,7 +123,7 @@ def test_make_report(tmp_path, cache):
   for name in list(NAMES.values())[1:]:
     assert html.escape(name) in page
   assert "kidney <R>" not in page and "spleen & co" not in page
-  assert "<b>0.5167</b>" in page  # mean Dice, formatted like evaluate.format_table
+  assert "<b>0.5167</b>" in page  # mean Dice, formatted like summaries.format_table
   assert "n/a" in page  # the spleen's null HD95
   for png in ["training_curves.png", "dice_per_class.png", *overlays]:
     assert f'<img src="plots/{png}"' in page
@@ -168,39 +166,6 @@ def test_bad_workdir_and_summary(tmp_path):
     report.make_report(tmp_path)
 
 
-def test_select_slices_through_organs():
-  lab = np.zeros((20, 30, 40), np.uint8)
-  lab[2:18, 5:25, 5:30] = 1  # a large organ
-  lab[12:15, 20:23, 32:36] = 2  # a small one beside it, in a few slices only
-  k, j, i = report.select_slices(lab)
-  # Every view cuts both organs: the small one is not outvoted by the large one's area.
-  assert (lab[k] == 1).any() and (lab[k] == 2).any()
-  assert (lab[:, j] == 1).any() and (lab[:, j] == 2).any()
-  assert lab[:, :, i].any()  # no sagittal slice holds both: ties go towards the centroid
-  # Empty reference: the prediction's organs, then the middle.
-  empty = np.zeros_like(lab)
-  k, j, i = report.select_slices(empty, lab)
-  assert lab[k].any() and lab[:, j].any() and lab[:, :, i].any()
-  assert report.select_slices(empty) == (10, 15, 20)
-
-
-def test_class_colors_fixed_and_distinct():
-  colors = [report.class_color(c) for c in range(1, 14)]
-  assert len(set(colors)) == 13
-  assert report.class_color(1) == report.class_color(1 + len(report._PALETTE))
-
-
-def test_overlay_orientation(tmp_path):
-  # A bright block at high x (patient's right) and high y (anterior) must appear on the image's
-  # left and top in the axial view (radiological convention).
-  img = np.zeros((4, 10, 10), np.float32)
-  img[:, 7:, 7:] = 1.0
-  view = report._view(img, 0, 2)
-  assert view[:3, :3].all() and not view[3:, 3:].any()
-  lab = (img > 0).astype(np.uint8)
-  assert_png(report.plot_overlay(img, lab, lab, tmp_path / "o.png", {1: "block"}, (3.0, 1.0, 1.0)))
-
-
 def run_cli(*args):
   return subprocess.run(
     [sys.executable, "-m", "vnet_jax.report", *args],
@@ -211,6 +176,7 @@ def run_cli(*args):
   )
 
 
+@pytest.mark.slow
 def test_cli(tmp_path, cache):
   wd = make_workdir(tmp_path / "run", cache)
   shutil.rmtree(wd / "eval" / "predictions")  # keep the subprocess quick
@@ -222,3 +188,34 @@ def test_cli(tmp_path, cache):
   assert bad.returncode == 1
   lines = bad.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error:") and "missing" in lines[0]
+
+
+def test_report_leaves_the_matplotlib_backend_alone(tmp_path):
+  # A notebook (or training) that imports the package keeps its backend: here "svg", which
+  # `matplotlib.use("Agg")` or importing pyplot would have changed or pinned.
+  wd = tmp_path / "run"
+  (wd / "eval").mkdir(parents=True)
+  (wd / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+  summary = {
+    "mean_dice": 0.5,
+    "mean_nsd": 0.5,
+    "per_class": {"liver": {"dice": 0.5, "nsd": 0.5, "hd95": 1.0}},
+    "per_case": [{"case": "a", "per_class": {"liver": {"dice": 0.5, "nsd": 0.5, "hd95": 1.0}}}],
+  }
+  (wd / "eval" / "summary.json").write_text(json.dumps(summary))
+  code = textwrap.dedent(
+    f"""
+    import sys
+    import matplotlib
+    from vnet_jax import plots, report
+    report.make_report({str(wd)!r})
+    print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
+    """
+  )
+  env = {**os.environ, "MPLBACKEND": "svg"}
+  p = subprocess.run(
+    [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+  )
+  assert p.returncode == 0, p.stderr
+  assert p.stdout.split() == ["svg", "False"]
+  assert_png(wd / "plots" / "dice_per_class.png")
