@@ -1,20 +1,25 @@
 """Prediction: original geometry and header kept, a perfect model round-trips, bad files
 are skipped."""
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import nibabel as nib
 import numpy as np
 import pytest
 
 from tests.conftest import make_tiny_config
-from vnet_jax import predict, train
+from vnet_jax import checkpoint, predict, train
 from vnet_jax.data import layouts, preprocess, synthetic
+from vnet_jax.data.cache import prepare_dataset
+from vnet_jax.data.plan import PreprocessSettings
 from vnet_jax.errors import DataError
+from vnet_jax.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,8 +58,8 @@ def test_a_perfect_model_returns_the_reference_exactly_in_original_geometry(tmp_
   data = tmp_path / "data"
   synthetic.write_dataset(data, 3, shape=(40, 36, 10), spacing=(0.8, 0.8, 3.0))
   dataset = layouts.discover_dataset(data)
-  cache = preprocess.prepare_dataset(
-    dataset, preprocess.PreprocessSettings(), tmp_path / "cache", num_workers=0, progress=False
+  cache = prepare_dataset(
+    dataset, PreprocessSettings(), tmp_path / "cache", num_workers=0, progress=False
   )
   assert {nib.aff2axcodes(nib.load(c.label_file).affine) for c in dataset.cases} != {
     ("R", "A", "S")
@@ -110,3 +115,48 @@ def test_unknown_workdir_or_checkpoint_is_a_clear_error(trained_run, tmp_path):
 
   with pytest.raises(CheckpointError, match="step 999"):
     predict.Predictor(trained_run, which="999")
+
+
+def test_prediction_imports_neither_training_nor_optax_nor_matplotlib():
+  code = (
+    "import sys, vnet_jax.predict\n"
+    "bad = [m for m in sys.modules if m.split('.')[0] in ('optax', 'matplotlib')\n"
+    "       or m in ('vnet_jax.train', 'vnet_jax.report')]\n"
+    "print(bad)\n"
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT
+  )
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.strip() == "[]"
+
+
+def test_restores_the_trained_weights_without_the_optimizer_state(trained_run):
+  config = predict.Predictor(trained_run, which="latest").config
+  model = build_model(config, 14, 1)
+  # One manager per way of reading: Orbax ties an item to the first handler that read it.
+  manager = checkpoint.make_manager(trained_run, read_only=True)
+  step = manager.latest_step()
+  state = jax.eval_shape(lambda: train.create_train_state(config, model))
+  full = checkpoint.restore(manager, step, state)
+  template = {"params": full.params, "batch_stats": full.batch_stats}
+  variables = checkpoint.restore_variables(
+    checkpoint.make_manager(trained_run, read_only=True), step, jax.eval_shape(lambda: template)
+  )
+  assert set(variables) == {"params", "batch_stats"}
+  leaves = jax.tree_util.tree_leaves_with_path(variables)
+  assert len(leaves) == len(jax.tree_util.tree_leaves(template))
+  for (path, restored), saved in zip(leaves, jax.tree_util.tree_leaves(template), strict=True):
+    np.testing.assert_array_equal(restored, saved, err_msg=str(path))
+
+
+def test_tta_follows_the_run_config_unless_the_command_line_says(trained_run, tmp_path):
+  run = tmp_path / "run"
+  shutil.copytree(trained_run, run)
+  config = json.loads((run / "config.json").read_text())
+  for configured in (False, True):
+    config["inference"]["tta"] = configured
+    (run / "config.json").write_text(json.dumps(config))
+    assert predict.Predictor(run, which="latest").window.tta is configured
+    for given in (False, True):
+      assert predict.Predictor(run, which="latest", tta=given).window.tta is given

@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 from absl import app, flags, logging
 
-from vnet_jax import runtime
 from vnet_jax.errors import UserError
 
 _HUGE_PAGES_HELP = (
@@ -20,25 +19,33 @@ _HUGE_PAGES_HELP = (
 )
 
 
-def _define_common_flags() -> None:
+def _define_huge_pages_flag() -> None:
   if "huge_pages" not in flags.FLAGS:
     # Registered under the running program, so its --help lists it with the program's flags.
     flags.DEFINE_bool("huge_pages", True, _HUGE_PAGES_HELP, module_name=sys.argv[0])
 
 
-def run(main: Callable[[list[str]], object], flags_parser: Callable | None = None) -> None:
+def run(
+  main: Callable[[list[str]], object],
+  flags_parser: Callable | None = None,
+  huge_pages: bool = True,
+) -> None:
   """`absl.app.run(main)` with the package's conventions for a command-line entry point.
 
   - Library chatter (Orbax's and Grain's INFO lines) is hidden unless --verbosity is given;
-  - with --huge_pages (the default) the command restarts once on huge pages (see its --help);
+  - with `huge_pages` (for commands that run XLA) the command gets a --huge_pages flag, on by
+    default, and restarts once on huge pages (see its --help);
   - a `UserError` is printed as `error: <one line>` on stderr, exit status 1, no traceback.
   """
-  _define_common_flags()
+  if huge_pages:
+    _define_huge_pages_flag()
 
   def wrapped(argv: list[str]) -> object:
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)
-    if flags.FLAGS.huge_pages:
+    if huge_pages and flags.FLAGS.huge_pages:
+      from vnet_jax import runtime  # imports JAX, which commands without XLA work don't need
+
       runtime.exec_with_huge_pages()
     try:
       return main(argv)

@@ -145,10 +145,14 @@ class SlidingWindowPredictor:
     self.devices = list(devices) if devices is not None else jax.local_devices()
     self.num_devices = len(self.devices)
     self.gaussian = gaussian_importance_map(self.window, sigma_scale)
-    # Replicated once: per-call broadcasting would re-send the weights for every group.
-    self._variables = jax_utils.replicate(variables, self.devices)
+    self.set_variables(variables)
     self._gaussian = jax_utils.replicate(jnp.asarray(self.gaussian), self.devices)
     self._step = runtime.pmap(self._device_step(apply_fn), devices=self.devices)
+
+  def set_variables(self, variables: Any) -> None:
+    """New weights for the same model: sent to the devices, nothing recompiled."""
+    # Replicated once per call here: per-group broadcasting would re-send them for every group.
+    self._variables = jax_utils.replicate(variables, self.devices)
 
   @property
   def group_size(self) -> int:

@@ -1,7 +1,7 @@
 r"""Segment new scans with a trained run, written back in each scan's original geometry.
 
   python -m vnet_jax.predict --workdir=runs/flare22/fold0 --input=PATH --output=DIR \
-      [--checkpoint=best|latest|STEP] [--tta]
+      [--checkpoint=best|latest|STEP] [--tta | --notta]
 
 PATH is a NIfTI file or a folder of them (FLARE22 / nnU-Net names: multi-channel cases are
 grouped by their `_XXXX` suffix). Each case is preprocessed as in training (WORKDIR/plan.json),
@@ -15,15 +15,17 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import nibabel as nib
 import numpy as np
 from absl import app, flags
 
-from vnet_jax import checkpoint, inference, runtime, train
+from vnet_jax import checkpoint, cli, inference
 from vnet_jax import model as model_lib
 from vnet_jax.data import layouts, preprocess
-from vnet_jax.errors import DataError, UserError
+from vnet_jax.errors import DataError
 
 
 class Predictor:
@@ -42,12 +44,15 @@ class Predictor:
     model = model_lib.build_model(self.config, len(self.class_names), self.plan["num_channels"])
     manager = checkpoint.make_manager(workdir, read_only=True)
     self.step = checkpoint.resolve_step(manager, which)
-    state = checkpoint.restore(manager, self.step, train.create_train_state(self.config, model))
+    window = tuple(self.config.patch_size)
+    x = jax.ShapeDtypeStruct((1, *window, model.in_channels), jnp.float32)
+    template = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
+    variables = checkpoint.restore_variables(manager, self.step, template)
     inf = self.config.inference
     self.window = inference.SlidingWindowPredictor(
       lambda v, x: model.apply(v, x, train=False),
-      {"params": state.params, "batch_stats": state.batch_stats},
-      window=tuple(self.config.patch_size),
+      variables,
+      window=window,
       num_classes=len(self.class_names),
       overlap=inf.overlap,
       tta=inf.tta if tta is None else tta,
@@ -106,16 +111,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  try:
-    errors = predict_path(f.workdir, f.input, f.output, f.checkpoint, True if f.tta else None)
-  except UserError as e:
-    sys.exit(f"error: {e}")
+  errors = predict_path(f.workdir, f.input, f.output, f.checkpoint, f.tta)
   if errors:
     sys.exit(f"{len(errors)} case(s) failed")
 
 
 if __name__ == "__main__":
-  runtime.exec_with_huge_pages()
   flags.DEFINE_string(
     "workdir",
     None,
@@ -127,5 +128,10 @@ if __name__ == "__main__":
   flags.DEFINE_string(
     "checkpoint", "best", "best (validation mean Dice), latest, or a step number."
   )
-  flags.DEFINE_bool("tta", False, "Mirror test-time augmentation over the three axes (8x slower).")
-  app.run(main)
+  flags.DEFINE_bool(
+    "tta",
+    None,
+    "Mirror test-time augmentation over the three axes (8x slower): --tta or --notta; "
+    "default: the run's config.inference.tta.",
+  )
+  cli.run(main)

@@ -16,10 +16,11 @@ from absl import logging
 from flax import jax_utils
 from flax.training import train_state
 
-from vnet_jax import checkpoint, inference, losses, metrics, report, runtime
-from vnet_jax import evaluate as scoring
+from vnet_jax import checkpoint, losses, metrics, runtime, summaries, validate
 from vnet_jax import model as model_lib
-from vnet_jax.data import augment, folds, layouts, pipeline, preprocess
+from vnet_jax.data import augment, folds, layouts, pipeline
+from vnet_jax.data.cache import prepare_dataset
+from vnet_jax.data.plan import PreprocessSettings
 from vnet_jax.errors import DataError, TrainingError
 from vnet_jax.files import write_json_atomic
 from vnet_jax.model import VNet
@@ -169,9 +170,9 @@ def resolve_data_dir(config: ml_collections.ConfigDict, workdir: Path) -> Path:
   return data_dir
 
 
-def preprocess_settings(config: ml_collections.ConfigDict) -> preprocess.PreprocessSettings:
+def preprocess_settings(config: ml_collections.ConfigDict) -> PreprocessSettings:
   d = config.data
-  return preprocess.PreprocessSettings(
+  return PreprocessSettings(
     target_spacing=d.target_spacing,
     normalization=d.normalization,
     ct_window=d.ct_window,
@@ -195,7 +196,7 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path, fold: int | s
   # Fold arguments are checked before the slow part; prepare_dataset checks every header itself.
   folds.check_num_folds(len(dataset.cases), config.num_folds, str(data_dir))
   folds.parse_fold(fold, config.num_folds, str(data_dir))
-  prepare = lambda: preprocess.prepare_dataset(
+  prepare = lambda: prepare_dataset(
     dataset,
     preprocess_settings(config),
     cache_root(config),
@@ -251,61 +252,6 @@ def make_train_iterator(config: ml_collections.ConfigDict, cache, train_ids):
     num_workers=config.data.loader_workers,
   )
   return iter(dataset)
-
-
-# ---------------------------------------------------------------------------- validation
-
-
-def nsd_tolerances(config: ml_collections.ConfigDict, names: dict[int, str]) -> dict[int, float]:
-  """FLARE22's per-organ tolerances when the classes are FLARE22's organs, else one value in mm."""
-  foreground = [c for c in names if c]
-  if all(layouts.FLARE22_CLASSES.get(c) == names[c] for c in foreground):
-    return {c: float(layouts.FLARE22_TOLERANCES_MM[c]) for c in foreground}
-  return {c: float(config.inference.nsd_tolerance_mm) for c in foreground}
-
-
-def validate(
-  config: ml_collections.ConfigDict,
-  model: VNet,
-  variables: dict,
-  cache,
-  val_ids,
-  names: dict[int, str],
-  predictions_dir: Path | None = None,
-) -> dict:
-  """Sliding-window prediction of each validation volume, scored like FLARE22 at the working
-  spacing.
-
-  With predictions_dir, each case's predicted labels are kept as <case>.npz (for the report).
-  """
-  apply_fn = lambda v, x: model.apply(v, x, train=False)
-  # Multi-host: each process predicts on its own devices without cross-host collectives.
-  devices = jax.local_devices() if jax.process_count() == 1 else jax.local_devices()[:1]
-  predictor = inference.SlidingWindowPredictor(
-    apply_fn,
-    variables,
-    window=tuple(config.patch_size),
-    num_classes=len(names),
-    overlap=config.inference.overlap,
-    tta=config.inference.tta,
-    windows_per_device=config.inference.windows_per_device,
-    devices=devices,
-  )
-  tolerances = nsd_tolerances(config, names)
-  spacing = cache.plan["target_spacing"]
-  scores = {}
-  for case_id in val_ids:
-    image, label = cache.load_case(case_id)
-    pred = predictor.predict_labels(np.asarray(image, np.float32))
-    if predictions_dir is not None:
-      predictions_dir.mkdir(parents=True, exist_ok=True)
-      np.savez_compressed(predictions_dir / f"{case_id}.npz", labels=pred)
-    # Arrays are (z, y, x): the axial axis for the slice-scored vessels is axis 0.
-    by_id = scoring.evaluate_case(
-      pred, np.asarray(label), spacing, list(tolerances), tolerances, slice_axis=0
-    )
-    scores[case_id] = {names[c]: v for c, v in by_id.items()}
-  return scoring.summarize(scores)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -429,22 +375,22 @@ def train_and_evaluate(
   state = create_train_state(config, model)
   manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
 
+  validator = None
+
   def run_validation(variables, step):
-    is_main = jax.process_index() == 0
-    predictions = workdir / "eval" / "predictions" if is_main else None
-    summary = {
-      "step": step,
-      **validate(config, model, variables, cache, val_ids, names, predictions),
-    }
-    if is_main:
-      scoring.write_summary(summary, workdir / "eval" / "summary.json")
+    nonlocal validator
+    if validator is None:  # built (and compiled) once per run
+      validator = validate.Validator(config, model, variables, cache, val_ids, names)
+    summary = {"step": step, **validator(variables, workdir / "eval" / "predictions")}
+    if jax.process_index() == 0:
+      summaries.write_summary(summary, workdir / "eval" / "summary.json")
     return summary
 
   if mode == "eval":
     step = checkpoint.resolve_step(manager, "best")
     state = checkpoint.restore(manager, step, state)
     summary = run_validation({"params": state.params, "batch_stats": state.batch_stats}, step)
-    print(scoring.format_table(summary))
+    print(summaries.format_table(summary))
     return summary
   if mode != "train":
     raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
@@ -491,7 +437,9 @@ def train_and_evaluate(
   if summary is None:  # nothing left to train: report the latest checkpoint's validation
     summary = run_validation(_variables(p_state), config.num_steps)
   if jax.process_index() == 0:
-    print(scoring.format_table(summary))
+    print(summaries.format_table(summary))
+    from vnet_jax import report  # here: importing training must not import matplotlib
+
     try:
       print(f"report: {report.make_report(workdir)}")
     except (DataError, OSError) as e:  # the trained run stays usable; the report can be redone
