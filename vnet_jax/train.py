@@ -3,7 +3,6 @@
 import functools
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,12 @@ from absl import logging
 from flax import jax_utils
 from flax.training import train_state
 
-from vnet_jax import checkpoint, losses, metrics, runtime, summaries, validate
+from vnet_jax import checkpoint, losses, metric_writers, metrics, runtime, summaries, validate
 from vnet_jax import model as model_lib
 from vnet_jax.data import augment, folds, layouts, pipeline
 from vnet_jax.data.cache import prepare_dataset
 from vnet_jax.data.plan import PreprocessSettings
-from vnet_jax.errors import DataError, TrainingError
+from vnet_jax.errors import DataError
 from vnet_jax.files import write_json_atomic
 from vnet_jax.model import VNet
 
@@ -257,83 +256,6 @@ def make_train_iterator(config: ml_collections.ConfigDict, cache, train_ids):
 # ---------------------------------------------------------------------------- the loop
 
 
-class MetricLog:
-  """metrics.jsonl + TensorBoard; keeps per-step device metrics unfetched until a flush."""
-
-  def __init__(self, workdir: Path, schedule, num_steps: int, start_step: int):
-    self.path = workdir / "metrics.jsonl"
-    self.schedule = schedule
-    self.num_steps = num_steps
-    self.pending: list[tuple[int, Any]] = []
-    self.last_time, self.last_step = time.time(), start_step
-    self.is_main = jax.process_index() == 0
-    if self.is_main:
-      from tensorboardX import SummaryWriter
-
-      self.writer = SummaryWriter(str(workdir / "tensorboard"))
-
-  def add(self, step: int, device_metrics) -> None:
-    self.pending.append((step, device_metrics))
-
-  def flush(self, log: bool) -> None:
-    """Fetches pending metrics; raises at the first non-finite loss; logs the last step if asked."""
-    if not self.pending:
-      return
-    fetched = jax.device_get([jax.tree_util.tree_map(lambda x: x[0], m) for _, m in self.pending])
-    for (step, _), values in zip(self.pending, fetched):
-      if not np.isfinite(values["loss"]):
-        raise TrainingError(
-          f"non-finite loss ({values['loss']}) at step {step}; the run stops here and "
-          f"the last checkpoint before it is kept"
-        )
-    step, values = self.pending[-1][0], fetched[-1]
-    self.pending = []
-    if not (log and self.is_main):
-      return
-    now = time.time()
-    steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
-    self.last_time, self.last_step = now, step
-    record = {
-      "step": step,
-      **{k: float(v) for k, v in values.items()},
-      "learning_rate": float(self.schedule(step - 1)),
-      "steps_per_s": steps_per_s,
-    }
-    with self.path.open("a") as f:
-      f.write(json.dumps(record) + "\n")
-    for k, v in record.items():
-      if k != "step":
-        self.writer.add_scalar(f"train/{k}", v, step)
-    eta = (self.num_steps - step) / max(steps_per_s, 1e-9)
-    print(
-      f"step {step}/{self.num_steps}  loss {record['loss']:.4f}  "
-      f"dice_loss {record['dice_loss']:.4f}  "
-      f"acc {record['accuracy']:.3f}  {steps_per_s:.2f} steps/s  ETA {eta / 60:.1f} min",
-      flush=True,
-    )
-
-  def add_eval(self, step: int, summary: dict) -> None:
-    if self.is_main:
-      self.writer.add_scalar("eval/mean_dice", summary["mean_dice"], step)
-      for name, v in summary["per_class"].items():
-        self.writer.add_scalar(f"eval/dice/{name}", v["dice"], step)
-      with (self.path.parent / "eval" / "history.jsonl").open("a") as f:
-        f.write(
-          json.dumps(
-            {
-              "step": step,
-              "mean_dice": summary["mean_dice"],
-              "per_class": {k: v["dice"] for k, v in summary["per_class"].items()},
-            }
-          )
-          + "\n"
-        )
-
-  def close(self) -> None:
-    if self.is_main:
-      self.writer.close()
-
-
 def _variables(p_state: TrainState) -> dict:
   state = jax_utils.unreplicate(p_state)
   return {"params": state.params, "batch_stats": state.batch_stats}
@@ -403,7 +325,9 @@ def train_and_evaluate(
   p_state = jax_utils.replicate(state)
   del state
   p_train_step = make_p_train_step(config, num_classes)
-  log = MetricLog(workdir, learning_rate_schedule(config), config.num_steps, start_step)
+  log = metric_writers.TrainingLog(
+    workdir, learning_rate_schedule(config), config.num_steps, start_step
+  )
 
   summary = None
   try:

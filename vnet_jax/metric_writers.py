@@ -1,0 +1,140 @@
+"""Where training's numbers go: metric writers in the style of CLU's `metric_writers`, and the
+training log that feeds them.
+
+CLU's own package imports TensorFlow for its summary writer, so the few writers the package
+needs are here, with CLU's interface (`write_scalars(step, values)`, `flush()`, `close()`):
+JSON lines for `metrics.jsonl` and `eval/history.jsonl`, and TensorBoard event files
+(tensorboardX). Values may be nested mappings (e.g. per-class Dice): JSON lines keep the
+nesting, TensorBoard joins the keys with "/".
+"""
+
+import abc
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from vnet_jax.errors import TrainingError
+
+
+class MetricWriter(abc.ABC):
+  @abc.abstractmethod
+  def write_scalars(self, step: int, values: Mapping[str, Any]) -> None: ...
+
+  def flush(self) -> None:
+    return None
+
+  def close(self) -> None:
+    self.flush()
+
+
+class JsonlWriter(MetricWriter):
+  """Appends one line `{"step": step, **values}` per call."""
+
+  def __init__(self, path: str | Path):
+    self.path = Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+
+  def write_scalars(self, step: int, values: Mapping[str, Any]) -> None:
+    with self.path.open("a") as f:
+      f.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+  flat = {}
+  for key, value in values.items():
+    if isinstance(value, Mapping):
+      flat.update(_flatten(value, f"{prefix}{key}/"))
+    else:
+      flat[f"{prefix}{key}"] = float(value)
+  return flat
+
+
+class TensorBoardWriter(MetricWriter):
+  """TensorBoard event files under `logdir` (one writer per folder: two would share a file)."""
+
+  def __init__(self, logdir: str | Path):
+    from tensorboardX import SummaryWriter
+
+    self._writer = SummaryWriter(str(logdir))
+
+  def write_scalars(self, step: int, values: Mapping[str, Any]) -> None:
+    for tag, value in _flatten(values).items():
+      self._writer.add_scalar(tag, value, step)
+
+  def flush(self) -> None:
+    self._writer.flush()
+
+  def close(self) -> None:
+    self._writer.close()
+
+
+class TrainingLog:
+  """What a run reports: training metrics (`metrics.jsonl`, TensorBoard `train/...`, a progress
+  line), validation summaries (`eval/history.jsonl`, TensorBoard `eval/...`).
+
+  Per-step device metrics stay unfetched until a flush, so logging never waits on the device
+  between two steps. Only process 0 writes.
+  """
+
+  def __init__(self, workdir: Path, schedule, num_steps: int, start_step: int):
+    self.schedule = schedule
+    self.num_steps = num_steps
+    self.pending: list[tuple[int, Any]] = []
+    self.last_time, self.last_step = time.time(), start_step
+    self.is_main = jax.process_index() == 0
+    if self.is_main:
+      self.train = JsonlWriter(workdir / "metrics.jsonl")
+      self.eval = JsonlWriter(workdir / "eval" / "history.jsonl")
+      self.tensorboard = TensorBoardWriter(workdir / "tensorboard")
+
+  def add(self, step: int, device_metrics) -> None:
+    self.pending.append((step, device_metrics))
+
+  def flush(self, log: bool) -> None:
+    """Fetches pending metrics; raises at the first non-finite loss; logs the last step if asked."""
+    if not self.pending:
+      return
+    fetched = jax.device_get([jax.tree_util.tree_map(lambda x: x[0], m) for _, m in self.pending])
+    for (step, _), values in zip(self.pending, fetched):
+      if not np.isfinite(values["loss"]):
+        raise TrainingError(
+          f"non-finite loss ({values['loss']}) at step {step}; the run stops here and "
+          f"the last checkpoint before it is kept"
+        )
+    step, values = self.pending[-1][0], fetched[-1]
+    self.pending = []
+    if not (log and self.is_main):
+      return
+    now = time.time()
+    steps_per_s = (step - self.last_step) / max(now - self.last_time, 1e-9)
+    self.last_time, self.last_step = now, step
+    record = {
+      **{k: float(v) for k, v in values.items()},
+      "learning_rate": float(self.schedule(step - 1)),
+      "steps_per_s": steps_per_s,
+    }
+    self.train.write_scalars(step, record)
+    self.tensorboard.write_scalars(step, {"train": record})
+    eta = (self.num_steps - step) / max(steps_per_s, 1e-9)
+    print(
+      f"step {step}/{self.num_steps}  loss {record['loss']:.4f}  "
+      f"dice_loss {record['dice_loss']:.4f}  "
+      f"acc {record['accuracy']:.3f}  {steps_per_s:.2f} steps/s  ETA {eta / 60:.1f} min",
+      flush=True,
+    )
+
+  def add_eval(self, step: int, summary: dict) -> None:
+    if self.is_main:
+      per_class = {name: v["dice"] for name, v in summary["per_class"].items()}
+      values = {"mean_dice": summary["mean_dice"], "per_class": per_class}
+      self.eval.write_scalars(step, values)
+      self.tensorboard.write_scalars(step, {"eval": values})
+
+  def close(self) -> None:
+    if self.is_main:
+      self.tensorboard.close()
