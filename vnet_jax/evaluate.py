@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 from absl import flags, logging
 
-from vnet_jax import scoring, summaries
+from vnet_jax import cli, scoring, summaries
 from vnet_jax.data import layouts
 from vnet_jax.errors import DataError
 
@@ -231,6 +231,4 @@ if __name__ == "__main__":
   flags.DEFINE_string(
     "cv", None, "Experiment dir: gather fold*/eval/summary.json into cv_summary.json/.csv."
   )
-  from vnet_jax import cli  # here, as cli imports JAX, which scoring as a library does not need
-
   cli.run(main, huge_pages=False)

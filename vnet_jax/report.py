@@ -27,7 +27,7 @@ from urllib.parse import quote
 import numpy as np
 from absl import flags
 
-from vnet_jax import plots, summaries
+from vnet_jax import cli, plots, summaries
 from vnet_jax.errors import DataError, one_line
 from vnet_jax.files import write_text_atomic
 
@@ -370,6 +370,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   flags.DEFINE_string("workdir", None, "Training workdir (holds metrics.jsonl, eval/, plan.json).")
-  from vnet_jax import cli  # here, as cli imports JAX, which the report as a library does not need
-
   cli.run(main, huge_pages=False)
