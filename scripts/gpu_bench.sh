@@ -46,8 +46,8 @@ if [ -z "$python" ]; then
 fi
 "$python" -c 'import jax; print("python", __import__("sys").executable, "jax", jax.__version__, jax.devices())' \
   || { echo "!! $python: jax does not import"; exit 1; }
-# What the benchmarks import (bench.py imports these only when a benchmark runs).
-imports='import vnet_jax.bench, vnet_jax.train, vnet_jax.predict, vnet_jax.data.synthetic'
+# What the benchmarks import (bench.py imports them only when one runs).
+imports='import vnet_jax.bench, vnet_jax.benchmarks.train_step, vnet_jax.benchmarks.predict_path'
 if ! "$python" -c "$imports" >/dev/null 2>&1 && compgen -G ".whl/*.whl" >/dev/null; then
   site=$(mktemp -d)
   echo "== installing .whl/*.whl into $site for this run"

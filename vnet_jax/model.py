@@ -1,6 +1,5 @@
 """The seed's 3D VNet as a Flax linen module: residual blocks, four downsamplings, skip concats."""
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,19 +56,7 @@ def _slicewise_bwd(residuals, dy):
 _conv2d_slicewise_kernel_grad.defvjp(_slicewise_fwd, _slicewise_bwd)
 
 # Slices with fewer voxels keep XLA's own kernel gradient (as fast or faster there).
-_slicewise_min_voxels = 32 * 32
-
-
-@contextlib.contextmanager
-def xla_kernel_gradients():
-  """Within it, depth_split_conv traces with XLA's own kernel gradients: the same sums without
-  a loop. For FLOP counts: XLA's cost analysis counts a loop's body once."""
-  global _slicewise_min_voxels
-  saved, _slicewise_min_voxels = _slicewise_min_voxels, float("inf")
-  try:
-    yield
-  finally:
-    _slicewise_min_voxels = saved
+_SLICEWISE_MIN_VOXELS = 32 * 32
 
 
 @jax.custom_vjp
@@ -91,7 +78,7 @@ def _stored_once(y):
 _stored_once.defvjp(lambda y: (_stored_once(y), None), lambda _, g: (g,))
 
 
-def depth_split_conv(x, kernel):
+def depth_split_conv(x, kernel, slicewise_kernel_grad: bool = True):
   """'SAME' 3D convolution as one 2D convolution over depth slices, depth folded into batch.
 
   The k kernel-depth taps go into the 2D convolution's channels, on whichever side is smaller:
@@ -101,6 +88,9 @@ def depth_split_conv(x, kernel):
   (that sum stored once; the slice-wise kernel gradient where slices have 32x32 voxels or more).
   Same numbers as lax.conv_general_dilated; XLA's CPU backend runs 2D convolutions several times
   faster than 3D ones (docs/performance.md), so this is the CPU formulation.
+
+  `slicewise_kernel_grad=False` keeps XLA's own kernel gradient at every slice size: the same
+  sums without a loop, for FLOP counts (XLA's cost analysis counts a loop's body once).
   """
   k, kh, kw, _, o = kernel.shape
   n, d, h, w, c = x.shape
@@ -112,7 +102,8 @@ def depth_split_conv(x, kernel):
     taps = jnp.transpose(kernel, (1, 2, 0, 3, 4)).reshape(kh, kw, k * c, o)
     return _conv2d(stacked, taps).reshape(n, d, h, w, o)
   taps = jnp.transpose(kernel, (1, 2, 3, 0, 4)).reshape(kh, kw, c, k * o)
-  conv2d = _conv2d_slicewise_kernel_grad if h * w >= _slicewise_min_voxels else _conv2d
+  slicewise = slicewise_kernel_grad and h * w >= _SLICEWISE_MIN_VOXELS
+  conv2d = _conv2d_slicewise_kernel_grad if slicewise else _conv2d
   y = conv2d(padded.reshape(n * (d + k - 1), h, w, c), taps).reshape(n, d + k - 1, h, w, k * o)
   return _stored_once(sum(y[:, i : i + d, :, :, i * o : (i + 1) * o] for i in range(k)))
 
@@ -174,6 +165,7 @@ class Conv3D(nn.Module):
   kernel_size: int = 3
   impl: str = "native"
   dtype: Dtype = jnp.float32
+  slicewise_kernel_grad: bool = True  # depth_split only (see depth_split_conv)
 
   @nn.compact
   def __call__(self, x):
@@ -188,7 +180,7 @@ class Conv3D(nn.Module):
     if k == 1:
       y = jnp.einsum("ndhwc,co->ndhwo", x, kernel[0, 0, 0])
     elif self.impl == "depth_split":
-      y = depth_split_conv(x, kernel)
+      y = depth_split_conv(x, kernel, self.slicewise_kernel_grad)
     else:
       y = lax.conv_general_dilated(
         x, kernel, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
@@ -205,10 +197,11 @@ class ResidualBlock(nn.Module):
   bn_axis_name: str | None = None
   conv_impl: str = "native"
   dtype: Dtype = jnp.float32
+  slicewise_kernel_grad: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool):
-    conv = lambda f, k: Conv3D(f, k, self.conv_impl, self.dtype)
+    conv = lambda f, k: Conv3D(f, k, self.conv_impl, self.dtype, self.slicewise_kernel_grad)
     shortcut = x
     if x.shape[-1] != self.features:
       shortcut = conv(self.features, 1)(x)
@@ -248,6 +241,9 @@ class VNet(nn.Module):
   # "native", "depth_split" (fast on CPU) or "auto"; same parameters and numbers.
   conv_impl: str = "auto"
   dtype: Dtype = jnp.float32
+  # depth_split only: False traces XLA's own kernel gradients instead of the slice-wise loops
+  # (same sums, no loop: what XLA's cost analysis can count; see depth_split_conv).
+  slicewise_kernel_grad: bool = True
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -260,7 +256,13 @@ class VNet(nn.Module):
       raise ValueError(f"downsample must be 'conv' or 'maxpool', got {self.downsample!r}")
     impl = resolve_conv_impl(self.conv_impl)
     block = lambda f: ResidualBlock(
-      f, self.kernel_size, self.batch_norm, self.bn_axis_name, impl, self.dtype
+      f,
+      self.kernel_size,
+      self.batch_norm,
+      self.bn_axis_name,
+      impl,
+      self.dtype,
+      self.slicewise_kernel_grad,
     )
     dropout = nn.Dropout(self.dropout_rate, deterministic=not train)
 
