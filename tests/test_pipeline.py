@@ -1,11 +1,12 @@
 """Grain training pipeline and patch sampling (`pipeline`, `patches`) on a tiny fake cache written
-with np.save (no preprocessing code)."""
+with np.save (no preprocessing code). Patches are plain crops, so streams differ only by where
+each patch is cut: any mix-up of patch generators or order moves some crop."""
 
-import dataclasses
 import itertools
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import grain
@@ -16,31 +17,10 @@ from scipy import ndimage
 
 from vnet_jax import checkpoint
 from vnet_jax.data import patches, pipeline
-from vnet_jax.data.augment import AugmentConfig
 from vnet_jax.errors import DataError
 
 PATCH = (16, 16, 16)
 BORDER = PATCH[0] // 2  # labels stay this far from the border: fg patches are exactly centred
-# nnU-Net v2's intensity augmentations and flips: random per patch, so streams show any mix-up.
-AUG = AugmentConfig(
-  flip_prob=0.5,
-  flip_axes=(0, 1, 2),
-  scale_prob=0.15,
-  scale_range=(0.75, 1.25),
-  contrast_prob=0.15,
-  contrast_range=(0.75, 1.25),
-  shift_prob=0.15,
-  shift_range=(-0.1, 0.1),
-  noise_prob=0.1,
-  noise_variance=(0.0, 0.1),
-  gamma_prob=0.3,
-  gamma_range=(0.7, 1.5),
-  rotation_prob=0.0,
-  rotation_range_deg=0.0,
-  rotation_in_plane_only=False,
-  scaling_prob=0.0,
-  scaling_range=(1.0, 1.0),
-)
 
 
 def _write_case(root: Path, cid: str, shape, rng, dtype=np.float32, channels=1, border=BORDER):
@@ -91,7 +71,7 @@ def _assert_same(a, b):
 
 def _make(cache, **kw):
   root, ids = cache
-  args = dict(patch_size=PATCH, per_device_batch=2, num_local_devices=2, seed=7, aug=AUG)
+  args = dict(patch_size=PATCH, per_device_batch=2, num_local_devices=2, seed=7)
   args.update(kw)
   return pipeline.make_train_dataset(root, ids, **args)
 
@@ -101,16 +81,6 @@ def test_batch_shapes_and_dtypes(cache):
   assert b["image"].shape == (3, 2) + PATCH + (1,) and b["image"].dtype == np.float32
   assert b["label"].shape == (3, 2) + PATCH and b["label"].dtype == np.int32
   assert set(np.unique(b["label"])) <= {0, 1, 2}
-
-
-def test_spatial_augmentation_in_pipeline(cache):
-  aug = AugmentConfig.from_dict(
-    dataclasses.asdict(AUG)
-    | dict(rotation_prob=1.0, rotation_range_deg=30.0, scaling_prob=1.0, scaling_range=(0.7, 1.4))
-  )
-  (b,) = _batches(_make(cache, aug=aug, num_local_devices=1), 1)
-  assert b["image"].shape == (1, 2) + PATCH + (1,) and b["label"].shape == (1, 2) + PATCH
-  assert set(np.unique(b["label"])) <= {0, 1, 2} and np.isfinite(b["image"]).all()
 
 
 def test_float16_multichannel_cache(tmp_path):
@@ -123,11 +93,39 @@ def test_float16_multichannel_cache(tmp_path):
     per_device_batch=1,
     num_local_devices=1,
     seed=0,
-    aug=AugmentConfig.none(),
   )
   (b,) = _batches(ds, 1)
   assert b["image"].shape == (1, 1) + PATCH + (2,) and b["image"].dtype == np.float32
   np.testing.assert_allclose(b["image"][..., 1] - b["image"][..., 0], 1.0, atol=1e-2)
+
+
+def test_patch_is_the_plain_crop_at_the_sampled_position(cache, monkeypatch):
+  root, ids = cache
+  starts = []
+  patch_start = patches.PatchSampler.patch_start
+  this_thread = threading.current_thread()
+
+  def recording(self, shape, rng, centre=None):
+    start = patch_start(self, shape, rng, centre)
+    # Only this test's calls: a closed iterator's prefetch thread may still finish a patch.
+    if threading.current_thread() is this_thread:
+      starts.append(tuple(int(s) for s in start))
+    return start
+
+  monkeypatch.setattr(patches.PatchSampler, "patch_start", recording)
+  ds = pipeline.make_patch_dataset(root, ids, patch_size=PATCH, seed=13)
+  order = pipeline.EpochShuffle(grain.MapDataset.range(len(ids)), 13)
+  for g in range(9):  # uniform and foreground-centred patches (g = 2, 5, 8)
+    p = ds[g]
+    assert len(starts) == g + 1
+    case = ids[order[g]]
+    image = np.load(root / "cases" / case / "image.npy")
+    label = np.load(root / "cases" / case / "label.npy")
+    box = tuple(slice(s, s + n) for s, n in zip(starts[-1], PATCH))
+    assert p["image"].dtype == np.float32 and p["label"].dtype == np.uint8
+    np.testing.assert_array_equal(p["image"], image[box])
+    np.testing.assert_array_equal(p["label"], label[box])
+  assert len(set(starts)) > 1
 
 
 def test_small_volume_is_padded(tmp_path):
@@ -135,9 +133,7 @@ def test_small_volume_is_padded(tmp_path):
   image, label = _write_case(tmp_path, "small", (10, 12, 40), rng, border=0)
   image += 100.0  # every real voxel is far from the padding value 0
   np.save(tmp_path / "cases" / "small" / "image.npy", image)
-  ds = pipeline.make_patch_dataset(
-    tmp_path, ["small"], patch_size=PATCH, seed=3, aug=AugmentConfig.none()
-  )
+  ds = pipeline.make_patch_dataset(tmp_path, ["small"], patch_size=PATCH, seed=3)
   for g in range(6):
     p = ds[g]
     real = p["image"][..., 0] != 0
@@ -162,7 +158,7 @@ def test_foreground_oversampling(cache):
 
   def centre_classes(fraction, n=60):
     ds = pipeline.make_patch_dataset(
-      root, ids, patch_size=PATCH, seed=11, aug=AugmentConfig.none(), foreground_fraction=fraction
+      root, ids, patch_size=PATCH, seed=11, foreground_fraction=fraction
     )
     return [int(ds[g]["label"][centre]) for g in range(n)]
 
@@ -183,7 +179,7 @@ def test_forced_patch_near_border_contains_the_voxel(tmp_path):
   label[0, 23, 1] = 2  # a single corner voxel
   np.save(tmp_path / "cases" / "b" / "label.npy", label)
   ds = pipeline.make_patch_dataset(
-    tmp_path, ["b"], patch_size=PATCH, seed=0, aug=AugmentConfig.none(), foreground_fraction=1.0
+    tmp_path, ["b"], patch_size=PATCH, seed=0, foreground_fraction=1.0
   )
   for g in range(3):
     assert (ds[g]["label"] == 2).sum() == 1
@@ -197,6 +193,10 @@ def test_determinism_and_seeds(cache):
   assert not np.array_equal(a[0]["image"], b[0]["image"])
   # Later batches differ from earlier ones too (the stream does not repeat a batch).
   assert not np.array_equal(a[0]["image"], a[1]["image"])
+  # One case: the case order is fixed, so the seed must reach the crop positions themselves.
+  root, ids = cache
+  one = [_batches(_make((root, ids[:1]), seed=s), 1)[0]["image"] for s in (5, 6)]
+  assert not np.array_equal(*one)
 
 
 def test_process_sharding_union_equals_single_process(cache):
@@ -211,6 +211,19 @@ def test_process_sharding_union_equals_single_process(cache):
     for key in ("image", "label"):
       union = np.concatenate([shards[p][step][key] for p in range(2)], axis=0)
       np.testing.assert_array_equal(union, single[step][key])
+
+
+def test_batches_hold_the_patch_stream_in_global_order(cache):
+  root, ids = cache
+  stream = pipeline.make_patch_dataset(root, ids, patch_size=PATCH, seed=7)
+  local, devices, per_device = 4, 2, 2
+  for p in range(2):
+    got = _batches(_make(cache, process_index=p, process_count=2), 2)
+    for step, batch in enumerate(got):
+      for d, b in itertools.product(range(devices), range(per_device)):
+        g = step * 2 * local + p * local + d * per_device + b
+        np.testing.assert_array_equal(batch["image"][d, b], stream[g]["image"])
+        np.testing.assert_array_equal(batch["label"][d, b], stream[g]["label"])
 
 
 def test_state_round_trip(cache):
@@ -273,16 +286,6 @@ def test_case_source_refuses_missing_cases(cache):
   root, ids = cache
   with pytest.raises(DataError, match="missing_case"):
     patches.CaseSource(root, ids + ["missing_case"])
-
-
-def test_augmentation_is_never_implicit(cache):
-  root, ids = cache
-  with pytest.raises(TypeError, match="aug"):
-    pipeline.make_train_dataset(
-      root, ids, patch_size=PATCH, per_device_batch=1, num_local_devices=1, seed=0
-    )
-  sampler = patches.PatchSampler(patches.CaseSource(root, ids), PATCH, None)
-  assert sampler.aug == AugmentConfig.none()
 
 
 def test_epoch_shuffle_visits_every_case_once_per_epoch():

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 
 from vnet_jax import augment_intensity as intensity
 from vnet_jax import augment_spatial as spatial
+from vnet_jax.errors import ConfigError
 
 _RANGES = (
   "scaling_range",
@@ -89,25 +90,25 @@ class AugmentConfig:
     for f in dataclasses.fields(self):
       value = getattr(self, f.name)
       if f.name.endswith("_prob") and not 0.0 <= value <= 1.0:
-        raise ValueError(f"AugmentConfig.{f.name}={value} is not in [0, 1]")
+        raise ConfigError(f"AugmentConfig.{f.name}={value} is not in [0, 1]")
     for name in _RANGES:
       value = getattr(self, name)
       if len(value) != 2 or value[0] > value[1]:
-        raise ValueError(f"AugmentConfig.{name}={value}: not a (low, high) pair")
+        raise ConfigError(f"AugmentConfig.{name}={value}: not a (low, high) pair")
     if self.rotation_range_deg < 0 or self.elastic_alpha < 0:
-      raise ValueError("AugmentConfig: rotation_range_deg and elastic_alpha must be >= 0")
+      raise ConfigError("AugmentConfig: rotation_range_deg and elastic_alpha must be >= 0")
     if self.scaling_range[0] <= 0 or self.gamma_range[0] <= 0:
-      raise ValueError("AugmentConfig: scaling_range and gamma_range must be > 0")
+      raise ConfigError("AugmentConfig: scaling_range and gamma_range must be > 0")
     if self.noise_variance[0] < 0 or self.blur_sigma[0] < 0:
-      raise ValueError("AugmentConfig: noise_variance and blur_sigma must be >= 0")
+      raise ConfigError("AugmentConfig: noise_variance and blur_sigma must be >= 0")
     if not 0 < self.lowres_zoom[0] <= self.lowres_zoom[1] <= 1:
-      raise ValueError(f"AugmentConfig.lowres_zoom={self.lowres_zoom} is not within (0, 1]")
+      raise ConfigError(f"AugmentConfig.lowres_zoom={self.lowres_zoom} is not within (0, 1]")
     if self.elastic_prob > 0 and self.elastic_sigma <= 0:
-      raise ValueError("AugmentConfig: elastic_sigma must be > 0")
+      raise ConfigError("AugmentConfig: elastic_sigma must be > 0")
     if not set(self.mirror_axes) <= {0, 1, 2} or len(set(self.mirror_axes)) != len(
       self.mirror_axes
     ):
-      raise ValueError(f"AugmentConfig.mirror_axes={self.mirror_axes}: distinct axes of 0, 1, 2")
+      raise ConfigError(f"AugmentConfig.mirror_axes={self.mirror_axes}: distinct axes of 0, 1, 2")
 
   @classmethod
   def none(cls) -> "AugmentConfig":
@@ -148,9 +149,9 @@ class AugmentConfig:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown, missing = sorted(set(d) - names), sorted(names - set(d))
     if unknown:
-      raise ValueError(f"unknown augmentation settings {unknown}; known: {sorted(names)}")
+      raise ConfigError(f"config.augment: unknown settings {unknown}; known: {sorted(names)}")
     if missing:
-      raise ValueError(f"augmentation settings {missing} missing (no defaults: give every one)")
+      raise ConfigError(f"config.augment: settings {missing} missing (no defaults: give every one)")
     # ConfigDict and the command line give lists; the dataclass must stay hashable.
     return cls(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()})
 

@@ -59,6 +59,12 @@ def _define_flags() -> None:
   # train
   flags.DEFINE_integer("steps", 5, "train: timed steps (after one warm-up step).")
   flags.DEFINE_integer("num_classes", 14, "train: classes of the random labels (FLARE22: 14).")
+  flags.DEFINE_enum(
+    "augment",
+    "on",
+    ["on", "off"],
+    "train: the experiments' on-device augmentations in the step (on) or none (off).",
+  )
   flags.DEFINE_integer(
     "matmul_n",
     0,
@@ -153,6 +159,7 @@ def _train() -> dict:
     FLAGS.per_device_batch,
     num_classes=FLAGS.num_classes,
     steps=FLAGS.steps,
+    augment=FLAGS.augment == "on",
     matmul_n=FLAGS.matmul_n,
     profile_dir=FLAGS.profile_dir,
   )

@@ -14,6 +14,10 @@ class DataError(UserError, ValueError):
   """A problem with the user's data or paths, naming the file and the reason."""
 
 
+class ConfigError(UserError, ValueError):
+  """An experiment-config setting that cannot work, naming the field."""
+
+
 class CheckpointError(UserError, RuntimeError):
   """A checkpoint that is missing or cannot be restored."""
 

@@ -1,12 +1,22 @@
-"""The seed's losses (segmentation_models 3D definitions), channels-last, probabilities in.
+"""Segmentation losses, channels-last: the seed's Dice + focal and nnU-Net's Dice + CE.
 
-All reductions run in float32 whatever the model's compute dtype, so bfloat16 training keeps
-loss precision. Definitions: ../shared/reference/FACTS.md section 2.
+- `dice_focal` (the seed's, the `segmentation_models` 3D definitions): class-weighted soft Dice
+  over every class, plus focal_weight x categorical focal loss (alpha 0.25, gamma 2) averaged
+  over every element (N, D, H, W, C).
+- `dice_ce` (nnU-Net's DC_and_CE for 3d_fullres): batch soft Dice over the foreground classes,
+  plus cross-entropy averaged over voxels.
+
+Voxels whose label is negative ("ignore", e.g. where an augmentation's rotation reached outside
+the patch) are left out of every loss through `mask`. All reductions run in float32 whatever the
+model's compute dtype, so bfloat16 training keeps loss precision. `segmentation_loss` combines
+them as `config.loss` says.
 """
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from vnet_jax.errors import ConfigError
 
 _SPATIAL_AND_BATCH = (0, 1, 2, 3)  # (N, D, H, W); classes stay separate
 
@@ -45,15 +55,25 @@ softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 def dice_loss(
-  probs, onehot, class_weights=None, smooth: float = 1e-5, axis_name: str | None = None
+  probs,
+  onehot,
+  class_weights=None,
+  smooth: float = 1e-5,
+  axis_name: str | None = None,
+  mask=None,
+  include_background: bool = True,
 ):
   """1 - mean_c(w_c * (2 tp_c + s) / (2 tp_c + fp_c + fn_c + s)), sums over batch and space.
 
   Under pmap, `axis_name` sums tp/fp/fn over every device's share of the batch, so the loss
-  (and its gradient) is that of the whole global batch, as on one device.
+  (and its gradient) is that of the whole global batch, as on one device. `mask` (N, D, H, W)
+  is 1 where a voxel counts, 0 where it is ignored; without background, class 0 is left out of
+  the mean (nnU-Net's batch Dice).
   """
   probs = probs.astype(jnp.float32)
   onehot = onehot.astype(jnp.float32)
+  if mask is not None:
+    probs = probs * mask[..., None]
   sums = (
     jnp.sum(onehot * probs, axis=_SPATIAL_AND_BATCH),
     jnp.sum(probs, axis=_SPATIAL_AND_BATCH),
@@ -67,31 +87,52 @@ def dice_loss(
   score = (2.0 * tp + smooth) / (2.0 * tp + fn + fp + smooth)
   if class_weights is not None:
     score = score * jnp.asarray(class_weights, jnp.float32)
+  if not include_background:
+    score = score[1:]
   return 1.0 - jnp.mean(score)
 
 
-def focal_loss(probs, onehot, alpha: float = 0.25, gamma: float = 2.0):
-  """Mean over every element (N, D, H, W, C) of -g * alpha * (1 - p)^gamma * log(p), p clipped.
+def _voxel_count(onehot, mask):
+  return onehot[..., 0].size if mask is None else jnp.maximum(jnp.sum(mask), 1.0)
 
-  `onehot` rows are one-hot (or all zero), so each voxel has one non-zero term: it is evaluated
-  on the true class's probability alone, not on all C (a third of the loss's time at 14 classes).
+
+def focal_loss(probs, onehot, alpha: float = 0.25, gamma: float = 2.0, mask=None):
+  """Mean over every element (N, D, H, W, C) of -g * alpha * (1 - p)^gamma * log(p), p clipped;
+  with `mask`, over the elements of the voxels that count.
+
+  `onehot` rows are one-hot (all zero for ignored voxels), so each voxel has one non-zero term:
+  it is evaluated on the true class's probability alone, not on all C (a third of the loss's
+  time at 14 classes).
   """
   g = onehot.astype(jnp.float32)
   p = jnp.clip(jnp.sum(g * probs.astype(jnp.float32), axis=-1), 1e-7, 1.0 - 1e-7)
-  return jnp.sum(jnp.sum(g, axis=-1) * -alpha * (1.0 - p) ** gamma * jnp.log(p)) / g.size
+  total = jnp.sum(jnp.sum(g, axis=-1) * -alpha * (1.0 - p) ** gamma * jnp.log(p))
+  return total / (_voxel_count(g, mask) * g.shape[-1])
 
 
-def total_loss(
-  probs,
-  onehot,
-  class_weights=None,
-  focal_weight: float = 1.0,
-  smooth: float = 1e-5,
-  alpha: float = 0.25,
-  gamma: float = 2.0,
-  axis_name: str | None = None,
-):
-  """Dice + focal_weight * focal, the seed's total loss."""
-  return dice_loss(probs, onehot, class_weights, smooth, axis_name) + focal_weight * focal_loss(
-    probs, onehot, alpha, gamma
-  )
+def cross_entropy_loss(logits, onehot, mask=None):
+  """Mean over the voxels that count of -log softmax(logits)[true class]."""
+  log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.sum(onehot.astype(jnp.float32) * log_p) / _voxel_count(onehot, mask)
+
+
+LOSSES = ("dice_focal", "dice_ce")
+
+
+def segmentation_loss(logits, labels, num_classes: int, config, class_weights=None, axis_name=None):
+  """`config.name`'s loss of logits (N, D, H, W, C) against labels (N, D, H, W), where labels
+  < 0 are ignored. Returns (loss, probabilities, {"dice_loss": ..., "focal_loss" | "ce_loss"})."""
+  mask = (labels >= 0).astype(jnp.float32)
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)  # all zero where labels < 0
+  probs = softmax(logits.astype(jnp.float32))
+  if config.name == "dice_focal":
+    dice = dice_loss(probs, onehot, class_weights, config.smooth, axis_name, mask)
+    parts = {"focal_loss": focal_loss(probs, onehot, config.focal_alpha, config.focal_gamma, mask)}
+    other = config.focal_weight * parts["focal_loss"]
+  elif config.name == "dice_ce":
+    dice = dice_loss(probs, onehot, None, config.smooth, axis_name, mask, include_background=False)
+    parts = {"ce_loss": cross_entropy_loss(logits, onehot, mask)}
+    other = config.ce_weight * parts["ce_loss"]
+  else:
+    raise ConfigError(f"config.loss.name must be one of {LOSSES}, got {config.name!r}")
+  return dice + other, probs, {"dice_loss": dice, **parts}

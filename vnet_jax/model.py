@@ -227,6 +227,12 @@ class VNet(nn.Module):
   Input (N, D, H, W, in_channels) with D, H, W divisible by 2**(len(filters) - 1);
   output float32 logits (N, D, H, W, num_classes). Softmax belongs to the losses and inference.
   `in_channels` is validated against the input so configs cannot silently disagree with data.
+
+  With `deep_supervision` (nnU-Net's), 1x1x1 heads also read the decoder at 1/2, 1/4, ... of
+  the resolution, every decoder level but the coarsest, and the output is the tuple of logits
+  from the finest to the coarsest (see `deep_supervision_weights`). The heads' parameters are
+  named `ds_head_<i>`, so a model with it off (inference) reads the same parameters and ignores
+  them.
   """
 
   num_classes: int
@@ -244,6 +250,7 @@ class VNet(nn.Module):
   # depth_split only: False traces XLA's own kernel gradients instead of the slice-wise loops
   # (same sums, no loop: what XLA's cost analysis can count; see depth_split_conv).
   slicewise_kernel_grad: bool = True
+  deep_supervision: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool = False):
@@ -278,13 +285,35 @@ class VNet(nn.Module):
       x = dropout(x)
       x = block(features)(x, train)
 
+    decoded = []  # each decoder level's output, coarsest first
     for features, skip in zip(reversed(self.filters[:-1]), reversed(skips)):
       x = Up2(features, self.dtype)(x)
       x = jnp.concatenate([x, skip], axis=-1)
       x = block(features)(x, train)
+      decoded.append(x)
     x = dropout(x)
-    logits = Conv3D(self.num_classes, 1, impl, self.dtype)(x)
-    return logits.astype(jnp.float32)
+    logits = Conv3D(self.num_classes, 1, impl, self.dtype)(x).astype(jnp.float32)
+    if not self.deep_supervision:
+      return logits
+    heads = [
+      Conv3D(self.num_classes, 1, impl, self.dtype, name=f"ds_head_{i}")(y).astype(jnp.float32)
+      for i, y in enumerate(reversed(decoded[1:-1]), 1)
+    ]
+    return (logits, *heads)
+
+
+def deep_supervision_weights(num_outputs: int) -> tuple[float, ...]:
+  """nnU-Net's loss weights for outputs at scales 1, 1/2, 1/4, ...: 1/2^i, normalised to sum 1
+  (the coarsest decoder level, weight 0 in nnU-Net, has no head here)."""
+  weights = [0.5**i for i in range(num_outputs)]
+  return tuple(w / sum(weights) for w in weights)
+
+
+def downsample_labels(labels: jax.Array, factor: int) -> jax.Array:
+  """(N, D, H, W) labels at 1/factor of the resolution, nearest ("nearest-exact") sampling:
+  output voxel j takes input voxel j * factor + factor // 2."""
+  start = factor // 2
+  return labels[:, start::factor, start::factor, start::factor]
 
 
 def build_model(
@@ -293,7 +322,8 @@ def build_model(
   in_channels: int,
   bn_axis_name: str | None = None,
 ) -> VNet:
-  """The VNet a run's config describes (`config.model` and `config.compute_dtype`)."""
+  """The VNet a run's config describes (`config.model` and `config.compute_dtype`), with
+  deep supervision as configured; `.clone(deep_supervision=False)` gives the inference model."""
   m = config.model
   return VNet(
     num_classes=num_classes,
@@ -306,4 +336,5 @@ def build_model(
     bn_axis_name=bn_axis_name,
     conv_impl=m.conv_impl,
     dtype=jnp.dtype(config.compute_dtype),
+    deep_supervision=m.get("deep_supervision", False),  # absent from older runs' configs
   )

@@ -41,7 +41,9 @@ class Predictor:
         f"{e.filename}: missing; is {workdir} the workdir of a training run?"
       ) from None
     self.class_names = {int(k): v for k, v in self.plan["class_names"].items()}
-    model = model_lib.build_model(self.config, len(self.class_names), self.plan["num_channels"])
+    model = model_lib.build_model(
+      self.config, len(self.class_names), self.plan["num_channels"]
+    ).clone(deep_supervision=False)  # the full-resolution head only
     manager = checkpoint.make_manager(workdir, read_only=True)
     self.step = checkpoint.resolve_step(manager, which)
     window = tuple(self.config.patch_size)

@@ -15,12 +15,21 @@ from absl import logging
 from flax import jax_utils
 from flax.training import train_state
 
-from vnet_jax import checkpoint, losses, metric_writers, metrics, runtime, summaries, validate
+from vnet_jax import (
+  augment,
+  checkpoint,
+  losses,
+  metric_writers,
+  metrics,
+  runtime,
+  summaries,
+  validate,
+)
 from vnet_jax import model as model_lib
-from vnet_jax.data import augment, folds, layouts, pipeline
+from vnet_jax.data import folds, layouts, pipeline
 from vnet_jax.data.cache import prepare_dataset
 from vnet_jax.data.plan import PreprocessSettings
-from vnet_jax.errors import DataError
+from vnet_jax.errors import ConfigError, DataError
 from vnet_jax.files import write_json_atomic
 from vnet_jax.model import VNet
 
@@ -36,15 +45,18 @@ class TrainState(train_state.TrainState):
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """`config.lr_schedule` after `warmup_steps` of linear warm-up: constant, cosine (to 0 at
+  num_steps) or poly (nnU-Net's lr * (1 - t / T)^0.9, to 0 at num_steps)."""
+  decay_steps = max(config.num_steps - config.warmup_steps, 1)
   if config.lr_schedule == "constant":
     main = optax.constant_schedule(config.learning_rate)
   elif config.lr_schedule == "cosine":
-    main = optax.cosine_decay_schedule(
-      config.learning_rate, max(config.num_steps - config.warmup_steps, 1)
-    )
+    main = optax.cosine_decay_schedule(config.learning_rate, decay_steps)
+  elif config.lr_schedule == "poly":
+    main = optax.polynomial_schedule(config.learning_rate, 0.0, 0.9, decay_steps)
   else:
-    raise ValueError(
-      f"config.lr_schedule must be 'constant' or 'cosine', got {config.lr_schedule!r}"
+    raise ConfigError(
+      f"config.lr_schedule must be 'constant', 'cosine' or 'poly', got {config.lr_schedule!r}"
     )
   if config.warmup_steps <= 0:
     return main
@@ -78,7 +90,7 @@ def class_weights(config: ml_collections.ConfigDict, num_classes: int) -> np.nda
     return None
   weights = np.asarray(weights, np.float32)
   if weights.shape != (num_classes,):
-    raise ValueError(
+    raise ConfigError(
       f"config.loss.class_weights has {weights.size} values; the dataset has {num_classes} classes"
     )
   return weights / weights.mean() if config.loss.normalize_class_weights else weights
@@ -94,51 +106,74 @@ def train_step(
   num_classes: int,
   loss_config: ml_collections.ConfigDict,
   weights: np.ndarray | None,
+  augmentation: augment.AugmentConfig,
+  anisotropic: bool,
 ):
-  """One optimizer step on this device's share of the global batch (run under pmap)."""
+  """One optimizer step on this device's share of the global batch (run under pmap).
+
+  The patches are augmented here, on the device. Keys come from the run's seed (state.rng), the
+  step and the device's index among all devices of all processes, so a step's patches and
+  dropout masks are the same whatever resumes or restarts came before.
+  """
   device = jax.lax.axis_index(AXIS)
   dropout_key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device)
-  onehot = jax.nn.one_hot(batch["label"], num_classes, dtype=jnp.float32)
-
-  def loss_fn(params):
-    logits, updates = state.apply_fn(
-      {"params": params, "batch_stats": state.batch_stats},
-      batch["image"],
-      train=True,
-      rngs={"dropout": dropout_key},
-      mutable=["batch_stats"],
-    )
-    probs = losses.softmax(logits.astype(jnp.float32))
-    dice = losses.dice_loss(probs, onehot, weights, loss_config.smooth, axis_name=AXIS)
-    focal = losses.focal_loss(probs, onehot, loss_config.focal_alpha, loss_config.focal_gamma)
-    return dice + loss_config.focal_weight * focal, (updates, probs, dice, focal)
-
+  augment_key = jax.random.fold_in(dropout_key, 1)
   # pmap runs each device's program unpartitioned, so the partitionable threefry buys nothing
-  # here; the classic one draws the dropout masks 3x faster on CPU (docs/performance.md).
+  # here; the classic one draws random numbers 3x faster on CPU (docs/performance.md).
   with jax.threefry_partitionable(False):
-    (loss, (updates, probs, dice, focal)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params
+    images, labels = augment.augment_batch(
+      augment_key, batch["image"], batch["label"], augmentation, anisotropic
     )
+
+    def loss_fn(params):
+      outputs, updates = state.apply_fn(
+        {"params": params, "batch_stats": state.batch_stats},
+        images,
+        train=True,
+        rngs={"dropout": dropout_key},
+        mutable=["batch_stats"],
+      )
+      outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+      total, parts = 0.0, None
+      # Deep supervision: output i is at 1/2^i of the resolution, with labels sampled to match.
+      level_weights = model_lib.deep_supervision_weights(len(outputs))
+      for i, (w, logits) in enumerate(zip(level_weights, outputs)):
+        level_labels = model_lib.downsample_labels(labels, 2**i) if i else labels
+        loss, probs, level_parts = losses.segmentation_loss(
+          logits, level_labels, num_classes, loss_config, weights, axis_name=AXIS
+        )
+        total = total + w * loss
+        if i == 0:
+          full_probs, parts = probs, level_parts
+      return total, (updates, full_probs, parts)
+
+    (loss, (updates, probs, parts)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
   state = state.apply_gradients(
     grads=grads, batch_stats=updates.get("batch_stats", state.batch_stats)
   )
+  onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  mask = (labels >= 0).astype(jnp.float32)
   step_metrics = {
     "loss": loss,
-    "dice_loss": dice,
-    "focal_loss": focal,
-    "accuracy": metrics.accuracy(probs, onehot),
-    "iou": metrics.iou_score(probs, onehot),
+    **parts,
+    "accuracy": metrics.accuracy(probs, onehot, mask),
+    "iou": metrics.iou_score(probs, onehot, axis_name=AXIS, mask=mask),
   }
   return state, jax.lax.pmean(step_metrics, AXIS)
 
 
-def make_p_train_step(config: ml_collections.ConfigDict, num_classes: int):
+def make_p_train_step(config: ml_collections.ConfigDict, num_classes: int, target_spacing=None):
+  """The pmap'd train step; `target_spacing` (z, y, x) of the data decides whether rotations stay
+  in-plane (anisotropic: largest / smallest > 3, as nnU-Net)."""
+  anisotropic = target_spacing is not None and max(target_spacing) / min(target_spacing) > 3
   step = functools.partial(
     train_step,
     num_classes=num_classes,
     loss_config=config.loss,
     weights=class_weights(config, num_classes),
+    augmentation=augment.AugmentConfig.from_dict(config.augment),
+    anisotropic=anisotropic,
   )
   return runtime.pmap(step, axis_name=AXIS, donate_argnums=(0,))
 
@@ -236,7 +271,6 @@ def class_names(config: ml_collections.ConfigDict, cache) -> dict[int, str]:
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, cache, train_ids):
-  aug = augment.AugmentConfig.from_dict(config.augment)
   dataset = pipeline.make_train_dataset(
     cache.dir,
     train_ids,
@@ -244,7 +278,6 @@ def make_train_iterator(config: ml_collections.ConfigDict, cache, train_ids):
     per_device_batch=config.per_device_batch_size,
     num_local_devices=jax.local_device_count(),
     seed=config.seed,
-    aug=aug,
     foreground_fraction=config.data.foreground_fraction,
     process_index=jax.process_index(),
     process_count=jax.process_count(),
@@ -324,7 +357,7 @@ def train_and_evaluate(
     print(f"resumed from {manager.directory} at step {start_step}", flush=True)
   p_state = jax_utils.replicate(state)
   del state
-  p_train_step = make_p_train_step(config, num_classes)
+  p_train_step = make_p_train_step(config, num_classes, cache.plan["target_spacing"])
   log = metric_writers.TrainingLog(
     workdir, learning_rate_schedule(config), config.num_steps, start_step
   )

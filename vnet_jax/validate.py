@@ -63,6 +63,7 @@ class Validator:
     self.val_ids = list(val_ids)
     self.case_ids = host_share(val_ids, jax.process_index(), jax.process_count())
     self.tolerances = nsd_tolerances(config, names)
+    model = model.clone(deep_supervision=False)  # inference reads the full-resolution head only
     self.predictor = inference.SlidingWindowPredictor(
       lambda v, x: model.apply(v, x, train=False),
       variables,

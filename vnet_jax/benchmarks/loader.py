@@ -1,5 +1,6 @@
-"""The training pipeline's throughput: patches/s of `data.pipeline`'s Grain batches (with the
-experiments' base augmentation) from a preprocessed cache, by default a synthetic one."""
+"""The training pipeline's throughput: patches/s of `data.pipeline`'s Grain batches (sampling
+and cropping; augmentation runs on the devices) from a preprocessed cache, by default a synthetic
+one."""
 
 import shutil
 import tempfile
@@ -8,8 +9,6 @@ from pathlib import Path
 
 from vnet_jax.benchmarks import synthetic_cache
 from vnet_jax.data import cache, patches, pipeline
-from vnet_jax.data.augment import AugmentConfig
-from vnet_jax.experiments import base
 
 
 def _time_batches(ds, warmup: int, batches: int) -> tuple[float, float, dict]:
@@ -63,7 +62,6 @@ def run(
       per_device_batch=per_device_batch,
       num_local_devices=1,
       seed=seed,
-      aug=AugmentConfig.from_dict(base.get_config().augment),
       num_workers=workers,
       read_threads=read_threads,
       prefetch_buffer_size=2 * read_threads,

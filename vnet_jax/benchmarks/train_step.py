@@ -16,6 +16,7 @@ from flax import jax_utils
 from vnet_jax import errors, train
 from vnet_jax.benchmarks import machine
 from vnet_jax.benchmarks.models import ModelSettings
+from vnet_jax.experiments import base
 from vnet_jax.model import resolve_conv_impl
 
 
@@ -56,11 +57,18 @@ def run(
   per_device_batch: int,
   num_classes: int = 14,
   steps: int = 5,
+  augment: bool = True,
   matmul_n: int = 0,
   profile_dir: str | None = None,
 ) -> dict:
-  """One warm-up step, then `steps` timed ones; `matmul_n` 0: 2048 on CPU, 8192 elsewhere."""
+  """One warm-up step, then `steps` timed ones; `matmul_n` 0: 2048 on CPU, 8192 elsewhere.
+
+  With `augment`, the step augments its patches as training does (the base experiment's
+  settings); without, every augmentation's probability is 0.
+  """
   config, model = settings.build(num_classes, 1, patch, per_device_batch, train.AXIS)
+  if not augment:
+    base.switch_off_augmentation(config)
   n_dev = jax.local_device_count()
   p_state = jax_utils.replicate(train.create_train_state(config, model))
   rng = np.random.default_rng(settings.seed)
@@ -110,6 +118,7 @@ def run(
     "dtype": settings.dtype,
     "filters": list(model.filters),
     "num_classes": num_classes,
+    "augment": "on" if augment else "off",
     "conv_impl": conv_impl,
     "steps": steps,
     "compile_s": round(compile_s, 3),

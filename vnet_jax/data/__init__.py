@@ -8,7 +8,6 @@
 - `preprocess`: the per-case transform, `preprocess_image`, mapping predictions back, NIfTI out.
 - `cache`: the on-disk preprocessed cache: `prepare_dataset`, `open_cache`, `load_case`.
 - `folds`: `splits.json` and fold selection.
-- `augment`: patch augmentations and `AugmentConfig`.
 - `patches`: the Grain case source, patch crops and foreground oversampling.
 - `pipeline`: shuffled, sharded, resumable training batches (`make_train_dataset`).
 - `synthetic`: a FLARE22-like synthetic dataset generator.

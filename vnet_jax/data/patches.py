@@ -1,8 +1,10 @@
 """Patch sampling from the preprocessed cache: one case source, crops, foreground oversampling.
 
 `CaseSource` is the Grain source (element i is case i, memory-mapped with `cache.load_case`);
-`PatchSampler` turns (global patch index g, case) into one augmented patch, with a generator
-seeded from (seed, g) alone (`pipeline` builds the stream of g).
+`PatchSampler` turns (global patch index g, case) into one patch, a plain crop of the cached
+volume: the generator Grain seeds from (seed, g) alone picks only the crop position and the
+foreground voxel (`pipeline` builds the stream of g). Augmentation happens on the devices
+(`vnet_jax/augment.py`).
 
 Foreground oversampling: patch g is centred on a voxel of a random foreground class of its case
 when floor((g + 1) * f) > floor(g * f), f = foreground_fraction: exactly a fraction f of the
@@ -23,15 +25,13 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
 
-from vnet_jax.data import augment as augment_lib
-from vnet_jax.data.augment import AugmentConfig
 from vnet_jax.data.cache import case_dir, load_case
 from vnet_jax.errors import DataError
 
@@ -205,21 +205,19 @@ def is_foreground_patch(index: int, foreground_fraction: float) -> bool:
 class PatchSampler(grain.transforms.RandomMap):
   """(global patch index, CaseSource element) -> {"image": (D, H, W, C) f32, "label": (D, H, W)}.
 
-  `aug` None means no augmentation.
+  The patch is the cached volume cropped (and zero-padded) as it is: no voxel value changes.
   """
 
   def __init__(
     self,
     source: CaseSource,
     patch_size: Sequence[int],
-    aug: AugmentConfig | Mapping[str, Any] | None,
     foreground_fraction: float = 1 / 3,
   ):
     if not 0.0 <= foreground_fraction <= 1.0:
       raise ValueError(f"foreground_fraction={foreground_fraction} is not in [0, 1]")
     self.source = source
     self.patch = _as_shape(patch_size)
-    self.aug = augment_lib.as_config(aug)
     self.foreground_fraction = foreground_fraction
 
   def patch_start(
@@ -245,14 +243,7 @@ class PatchSampler(grain.transforms.RandomMap):
         voxels = locs[sorted(locs)[rng.integers(len(locs))]]
         centre = voxels[rng.integers(len(voxels))]
     start = self.patch_start(label.shape, rng, centre)
-    t = augment_lib.sample_spatial(rng, self.aug, self.patch)
-    if t is None:
-      img = _crop(image, start, self.patch, np.float32)
-      lab = _crop(label, start, self.patch, label.dtype)
-    else:  # a larger crop around the same centre, so rotation/zoom reads real voxels
-      crop_start = start - (np.asarray(t.crop_shape) - self.patch) // 2
-      img = _crop(image, crop_start, t.crop_shape, np.float32)
-      lab = _crop(label, crop_start, t.crop_shape, label.dtype)
-      img, lab = augment_lib.apply_spatial(img, lab, t, self.patch)
-    img, lab = augment_lib.augment(img, lab, rng, self.aug, inplace=True, spatial=False)
-    return {"image": img, "label": lab}
+    return {
+      "image": _crop(image, start, self.patch, np.float32),
+      "label": _crop(label, start, self.patch, label.dtype),
+    }

@@ -1,4 +1,5 @@
-"""Grain training pipeline over the preprocessed cache: shuffled, augmented, sharded batches.
+"""Grain training pipeline over the preprocessed cache: shuffled, sharded batches; augmentation
+happens on the devices, see vnet_jax/augment.py.
 
 Reads `<cache_dir>/cases/<case_id>/{image.npy (D, H, W, C) float32|float16, label.npy (D, H, W)
 uint8}` memory-mapped, so a patch reads only its own pages (`patches`). Validation reads whole
@@ -7,8 +8,8 @@ volumes with `CachedDataset.load_case` instead.
 The training stream is defined over a GLOBAL patch index g = 0, 1, 2, ...:
 - cases are shuffled per epoch (`EpochShuffle`), so patch g comes from case
   `perm_epoch[g % num_cases]`, epoch = g // num_cases;
-- patch g is sampled and augmented by `patches.PatchSampler`, whose generator is seeded from
-  (seed, g) alone;
+- patch g is sampled and cropped by `patches.PatchSampler`, whose generator (crop position,
+  foreground choice) is seeded from (seed, g) alone; the crop is shipped unchanged;
 - global step s holds patches [s * G, (s + 1) * G) with G = process_count * local_devices *
   per_device_batch; process p takes the p-th block of local_devices * per_device_batch of them,
   device-major. So 2 processes x 2 devices see exactly the batches of 1 process x 4 devices,
@@ -21,14 +22,13 @@ restores under any `num_workers`. Orbax saves it like any Grain iterator (`vnet_
 
 import dataclasses
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
 
-from vnet_jax.data.augment import AugmentConfig
 from vnet_jax.data.patches import CaseSource, PatchSampler
 
 
@@ -62,7 +62,7 @@ class _DeviceBatcher:
     flat_image = image.reshape((-1,) + image.shape[2:])
     flat_label = label.reshape((-1,) + label.shape[2:])
     for i, p in enumerate(patches):
-      flat_image[i] = p["image"]  # also makes flipped views contiguous
+      flat_image[i] = p["image"]
       flat_label[i] = p["label"]
     return {"image": image, "label": label}
 
@@ -114,15 +114,11 @@ def make_patch_dataset(
   *,
   patch_size: Sequence[int],
   seed: int,
-  aug: AugmentConfig | Mapping[str, Any] | None,
   foreground_fraction: float = 1 / 3,
 ) -> grain.MapDataset:
-  """The infinite global patch stream (element g = patch g), before batching and sharding.
-
-  `aug` None means no augmentation (as in `make_train_dataset`).
-  """
+  """The infinite global patch stream (element g = patch g), before batching and sharding."""
   source = CaseSource(cache_dir, case_ids)
-  sampler = PatchSampler(source, patch_size, aug, foreground_fraction)
+  sampler = PatchSampler(source, patch_size, foreground_fraction)
   return (
     EpochShuffle(grain.MapDataset.source(source), seed)
     .map_with_index(_with_index)
@@ -214,7 +210,6 @@ def make_train_dataset(
   per_device_batch: int,
   num_local_devices: int,
   seed: int,
-  aug: AugmentConfig | Mapping[str, Any] | None,
   foreground_fraction: float = 1 / 3,
   process_index: int = 0,
   process_count: int = 1,
@@ -223,13 +218,13 @@ def make_train_dataset(
   read_threads: int = 1,
   worker_buffer_size: int = 1,
 ) -> TrainDataset:
-  """Infinite, shuffled, augmented training batches for this process.
+  """Infinite, shuffled training batches for this process (not augmented: the train step
+  augments them on the devices, see vnet_jax/augment.py).
 
   Each element: {"image": float32 (num_local_devices, per_device_batch, D, H, W, C),
   "label": int32 (num_local_devices, per_device_batch, D, H, W)}. Deterministic in `seed`,
   independent of `num_workers`; process p of process_count gets its block of every global
-  step (see the module docstring). `aug` is required: the experiment's `config.augment` (or an
-  AugmentConfig), or None for no augmentation. Buffers are small because an element is a whole
+  step (see the module docstring). Buffers are small because an element is a whole
   batch of volumes: with `num_workers=0`, `read_threads` threads of this process build up to
   `prefetch_buffer_size` batches ahead; with workers, each worker builds one batch at a time
   (in shared memory) and keeps up to `worker_buffer_size` finished ones. Worker processes are
@@ -246,7 +241,6 @@ def make_train_dataset(
     case_ids,
     patch_size=patch_size,
     seed=seed,
-    aug=aug,
     foreground_fraction=foreground_fraction,
   )
   local = num_local_devices * per_device_batch

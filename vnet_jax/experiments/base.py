@@ -19,7 +19,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.per_device_batch_size = 2
   c.patch_size = (128, 128, 128)  # (D, H, W) = (slices, rows, columns)
   c.learning_rate = 1e-4
-  c.lr_schedule = "constant"  # "constant" or "cosine" (decays to 0 at num_steps)
+  c.lr_schedule = "constant"  # "constant", "cosine" or "poly" (these two decay to 0 at num_steps)
   c.warmup_steps = 0
   c.grad_clip_norm = 0.0  # 0 disables clipping
   c.compute_dtype = "float32"  # or "bfloat16" (parameters stay float32)
@@ -35,8 +35,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.dropout_rate = 0.1
   c.model.downsample = "conv"  # "conv" or "maxpool"
   c.model.conv_impl = "auto"  # "auto": depth-split 2D convs on CPU, native 3D convs on GPU
+  # nnU-Net's deep supervision: extra loss heads at 1/2, 1/4, ... of the resolution (training only).
+  c.model.deep_supervision = False
 
   c.loss = ml_collections.ConfigDict()
+  # "dice_focal": the seed's Dice + focal_weight x focal; "dice_ce": nnU-Net's foreground batch
+  # Dice + ce_weight x cross-entropy (vnet_jax/losses.py).
+  c.loss.name = "dice_focal"
+  c.loss.ce_weight = 1.0
   c.loss.class_weights = config_dict.placeholder(tuple)  # None: equal weights
   c.loss.normalize_class_weights = False  # divide weights by their mean: keeps Dice loss in [0, 1]
   c.loss.focal_weight = 1.0
@@ -61,32 +67,46 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.synthetic_cases = 0
   c.data.synthetic_size = config_dict.placeholder(tuple)  # (x, y, z) voxels of synthetic cases
 
-  # Every field of data.augment.AugmentConfig (it has no defaults). nnU-Net v2's probabilities
-  # and ranges, except flips (off) and the additive shift (not in nnU-Net).
+  # On the devices, inside the train step (vnet_jax/augment.py); every field is required.
+  # nnU-Net v2's probabilities (per sample) and ranges, mirroring off.
   c.augment = ml_collections.ConfigDict()
+  c.augment.rotation_prob = 0.2
+  c.augment.rotation_range_deg = 30.0  # about each axis; in-plane only for anisotropic spacing
+  c.augment.scaling_prob = 0.2
+  c.augment.scaling_range = (0.7, 1.4)  # the same factor on every axis; > 1 zooms in
+  c.augment.elastic_prob = 0.0
+  c.augment.elastic_alpha = 4.0  # largest displacement, voxels
+  c.augment.elastic_sigma = 10.0  # smoothness of the displacement field, voxels
   # Off: FLARE22 labels kidneys and adrenals by side, and mirroring swaps them.
-  c.augment.flip_prob = 0.0
-  c.augment.flip_axes = (0, 1, 2)
-  c.augment.scale_prob = 0.15  # multiplicative brightness
-  c.augment.scale_range = (0.75, 1.25)
-  c.augment.contrast_prob = 0.15
-  c.augment.contrast_range = (0.75, 1.25)
-  c.augment.shift_prob = 0.15  # additive brightness, in normalised intensity units
-  c.augment.shift_range = (-0.1, 0.1)
+  c.augment.mirror_prob = 0.0
+  c.augment.mirror_axes = (0, 1, 2)
   c.augment.noise_prob = 0.1
   c.augment.noise_variance = (0.0, 0.1)
+  c.augment.blur_prob = 0.2
+  c.augment.blur_sigma = (0.5, 1.0)
+  c.augment.blur_channel_prob = 0.5
+  c.augment.brightness_prob = 0.15  # multiplicative
+  c.augment.brightness_range = (0.75, 1.25)
+  c.augment.contrast_prob = 0.15
+  c.augment.contrast_range = (0.75, 1.25)
+  c.augment.lowres_prob = 0.25  # low-resolution simulation
+  c.augment.lowres_zoom = (0.5, 1.0)
+  c.augment.lowres_channel_prob = 0.5
   c.augment.gamma_prob = 0.3
   c.augment.gamma_range = (0.7, 1.5)
-  # Rotation and zoom off: scipy's affine_transform costs ~0.1 s per 128^3 patch on a CPU.
-  c.augment.rotation_prob = 0.0
-  c.augment.rotation_range_deg = 30.0
-  c.augment.rotation_in_plane_only = False
-  c.augment.scaling_prob = 0.0
-  c.augment.scaling_range = (0.7, 1.4)  # > 1 zooms in
+  c.augment.inverted_gamma_prob = 0.1
 
   c.inference = ml_collections.ConfigDict()
   c.inference.overlap = 0.5
   c.inference.tta = False
   c.inference.windows_per_device = 1
   c.inference.nsd_tolerance_mm = 2.0  # NSD tolerance for classes outside the FLARE22 organ table
+  return c
+
+
+def switch_off_augmentation(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Sets the probability of every augmentation in `c.augment` to 0; returns c."""
+  for field in list(c.augment):
+    if field.endswith("_prob"):
+      c.augment[field] = 0.0
   return c

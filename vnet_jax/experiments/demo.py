@@ -34,7 +34,4 @@ def get_config():
   # A stronger per-voxel (focal) term keeps every organ's logit alive early on; with Dice alone,
   # small organs the network never predicts in the first steps can stay at Dice 0.
   c.loss.focal_weight = 10.0
-  c.augment.scale_prob = 0.0
-  c.augment.noise_prob = 0.0
-  c.augment.gamma_prob = 0.0
   return c

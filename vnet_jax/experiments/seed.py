@@ -21,4 +21,7 @@ def get_config():
   c.per_device_batch_size = 2
   c.patch_size = (128, 128, 128)
   c.learning_rate = 1e-4
-  return c
+  # The seed trained without augmentation or deep supervision, on Dice + focal.
+  c.loss.name = "dice_focal"
+  c.model.deep_supervision = False
+  return base.switch_off_augmentation(c)
