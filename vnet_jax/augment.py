@@ -287,6 +287,11 @@ def _stages(cfg: AugmentConfig, anisotropic: bool) -> list:
   return stages
 
 
+def is_anisotropic(spacing) -> bool:
+  """nnU-Net's rule: spacing (z, y, x) whose largest / smallest exceeds 3 rotates in-plane only."""
+  return spacing is not None and max(spacing) / min(spacing) > 3
+
+
 def augment_sample(
   key: jax.Array,
   image: jax.Array,

@@ -165,15 +165,14 @@ def train_step(
 
 def make_p_train_step(config: ml_collections.ConfigDict, num_classes: int, target_spacing=None):
   """The pmap'd train step; `target_spacing` (z, y, x) of the data decides whether rotations stay
-  in-plane (anisotropic: largest / smallest > 3, as nnU-Net)."""
-  anisotropic = target_spacing is not None and max(target_spacing) / min(target_spacing) > 3
+  in-plane (`augment.is_anisotropic`)."""
   step = functools.partial(
     train_step,
     num_classes=num_classes,
     loss_config=config.loss,
     weights=class_weights(config, num_classes),
     augmentation=augment.AugmentConfig.from_dict(config.augment),
-    anisotropic=anisotropic,
+    anisotropic=augment.is_anisotropic(target_spacing),
   )
   return runtime.pmap(step, axis_name=AXIS, donate_argnums=(0,))
 
