@@ -1,9 +1,10 @@
-"""Cross-validation splits: determinism, disjointness, user files, fold selection."""
+"""Cross-validation splits: nnU-Net's (scikit-learn KFold), user files, fold selection."""
 
 import json
 
 import numpy as np
 import pytest
+from sklearn.model_selection import KFold
 
 from vnet_jax.data import folds
 from vnet_jax.errors import DataError
@@ -26,21 +27,17 @@ def test_splits_partition_cases(n, k):
     assert s["train"] == sorted(s["train"]) and s["val"] == sorted(s["val"])
 
 
-def test_splits_seeded_and_order_independent():
-  a = folds.create_splits(IDS, 5, seed=12345)
-  b = folds.create_splits(list(reversed(IDS)), 5, seed=12345)
-  c = folds.create_splits(IDS, 5, seed=1)
-  assert a == b
-  assert a != c
-
-
-def test_splits_match_sklearn_kfold_algorithm():
-  # sklearn KFold(shuffle=True, random_state=s): RandomState(s).shuffle(arange(n)), then
-  # consecutive chunks, the first n % k one longer. nnU-Net applies it to the sorted ids.
-  order = np.arange(len(IDS))
-  np.random.RandomState(7).shuffle(order)
-  first_val = sorted(IDS[i] for i in order[:5])  # 23 cases, 5 folds: first fold has 5
-  assert folds.create_splits(IDS, 5, seed=7)[0]["val"] == first_val
+@pytest.mark.parametrize("n, k, seed", [(23, 5, 12345), (23, 5, 7), (10, 3, 0), (5, 5, 1)])
+def test_splits_equal_nnunet_generate_crossval_split(n, k, seed):
+  # nnU-Net v2's generate_crossval_split: KFold(shuffle=True) over the sorted case ids.
+  ids = sorted(IDS[:n])
+  kfold = KFold(n_splits=k, shuffle=True, random_state=seed)
+  expected = [
+    {"train": [ids[i] for i in train], "val": [ids[i] for i in val]}
+    for train, val in kfold.split(ids)
+  ]
+  shuffled = [str(c) for c in np.random.default_rng(seed).permutation(ids)]
+  assert folds.create_splits(shuffled, k, seed=seed) == expected
 
 
 def test_fewer_cases_than_folds():

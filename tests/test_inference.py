@@ -2,9 +2,9 @@
 passes."""
 
 import itertools
-import os
 import subprocess
 import sys
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from tests.conftest import subprocess_env
 from vnet_jax import inference
 
+ROOT = Path(__file__).resolve().parent.parent
 WINDOW = (8, 8, 8)
 
 
@@ -33,8 +35,9 @@ class TinyNet(nn.Module):
 
 def make_model(kernel, num_classes=3, channels=2, seed=0):
   model = TinyNet(num_classes, kernel)
-  variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, *WINDOW, channels)))
-  return model.apply, variables
+  variables = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, *WINDOW, channels)))
+  # Jitted: the NumPy references run it window by window, which op by op would be slow.
+  return jax.jit(model.apply), variables
 
 
 def random_volume(shape, channels=2, seed=1):
@@ -188,7 +191,8 @@ def test_bfloat16_logits_are_softmaxed_in_float32():
   apply_fn, variables = make_model(kernel=1)
   bf16_apply = lambda v, x: apply_fn(v, x).astype(jnp.bfloat16)
   vol = random_volume((12, 8, 9))
-  out = inference.sliding_window_inference(bf16_apply, variables, vol, WINDOW, 3, dtype=np.float32)
+  pred = inference.SlidingWindowPredictor(bf16_apply, variables, WINDOW, 3)
+  out = pred.predict_probabilities(vol, dtype=np.float32)
   ref = softmax64(np.asarray(bf16_apply(variables, jnp.asarray(vol[None]))[0], np.float32))
   np.testing.assert_allclose(out, ref, atol=2e-6)
 
@@ -228,19 +232,18 @@ def test_slab_accumulation_equals_naive_full_accumulation(overlap, tta, per_devi
 def test_tta_symmetric_model_equals_plain():
   apply_fn, variables = make_model(kernel=1)
   vol = random_volume((12, 9, 8))
-  plain = inference.sliding_window_inference(apply_fn, variables, vol, WINDOW, 3, dtype=np.float32)
-  tta = inference.sliding_window_inference(
-    apply_fn, variables, vol, WINDOW, 3, tta=True, dtype=np.float32
-  )
+  predict = lambda tta: inference.SlidingWindowPredictor(
+    apply_fn, variables, WINDOW, 3, tta=tta
+  ).predict_probabilities(vol, dtype=np.float32)
+  plain, tta = predict(False), predict(True)
   np.testing.assert_allclose(tta, plain, atol=2e-6)
 
 
 def test_tta_asymmetric_model_averages_flipped_predictions():
   apply_fn, variables = make_model(kernel=3)
   vol = random_volume(WINDOW)
-  out = inference.sliding_window_inference(
-    apply_fn, variables, vol, WINDOW, 3, tta=True, dtype=np.float32
-  )
+  pred = inference.SlidingWindowPredictor(apply_fn, variables, WINDOW, 3, tta=True)
+  out = pred.predict_probabilities(vol, dtype=np.float32)
   ref = window_probs64(apply_fn, variables, vol, tta=True)
   np.testing.assert_allclose(out, ref, atol=1e-5)
   # and it really differs from the plain prediction, or the test would prove nothing
@@ -295,17 +298,12 @@ print("OK")
 """
 
 
+@pytest.mark.slow
 def test_two_devices_match_one_device():
-  env = {
-    **os.environ,
-    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-    "JAX_PLATFORMS": "cpu",
-  }
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run(
     [sys.executable, "-c", _TWO_DEVICE_SCRIPT],
-    env=env,
-    cwd=root,
+    env=subprocess_env(devices=2),
+    cwd=ROOT,
     capture_output=True,
     text=True,
     timeout=300,

@@ -31,8 +31,13 @@ def make_manager(
     ]
   )
   # A reader neither creates nor cleans up; Orbax's own read_only mode would only add warnings.
+  # Orbax writes a checkpoint's metrics only when best_fn is set; without them nothing is "best".
   options = ocp.CheckpointManagerOptions(
-    preservation_policy=policy, cleanup_tmp_directories=not read_only, create=not read_only
+    preservation_policy=policy,
+    best_fn=lambda m: m[METRIC],
+    best_mode="max",
+    cleanup_tmp_directories=not read_only,
+    create=not read_only,
   )
   return ocp.CheckpointManager(
     Path(workdir).absolute() / "checkpoints", options=options, item_names=("state", "data_iter")

@@ -286,29 +286,3 @@ class SlidingWindowPredictor:
       raise ValueError(f"uint8 labels cannot hold {self.num_classes} classes")
     # Dividing by the (positive) weight cannot change the argmax, so it is skipped.
     return self._run(volume, lambda acc, w: np.argmax(acc, axis=-1).astype(np.uint8), np.uint8, ())
-
-
-def sliding_window_inference(
-  apply_fn: ApplyFn,
-  variables: Any,
-  volume: np.ndarray,
-  window: Sequence[int],
-  num_classes: int,
-  overlap: float = 0.5,
-  tta: bool = False,
-  windows_per_device: int = 1,
-  devices: Sequence[jax.Device] | None = None,
-  dtype=np.float16,
-) -> np.ndarray:
-  """One-off probabilities for one volume; build a SlidingWindowPredictor to reuse the compile."""
-  predictor = SlidingWindowPredictor(
-    apply_fn,
-    variables,
-    window,
-    num_classes,
-    overlap=overlap,
-    windows_per_device=windows_per_device,
-    tta=tta,
-    devices=devices,
-  )
-  return predictor.predict_probabilities(volume, dtype=dtype)
