@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # ./run.sh            set up .venv, then train and validate the demo experiment (CPU is fine)
-# ./run.sh test       set up .venv, then run the whole test suite
+# ./run.sh test       set up .venv, then run the whole test suite (two pytest workers)
 # ./run.sh test-quick set up .venv, then run the tests not marked slow
 # ./run.sh lint       set up .venv, then check lint and formatting with ruff
 # ./run.sh train ARGS set up .venv, then python -m vnet_jax.main ARGS
@@ -36,8 +36,8 @@ cmd=${1:-demo}
 [ $# -gt 0 ] && shift
 case "$cmd" in
   demo) exec .venv/bin/python -m vnet_jax.main --experiment=demo "$@" ;;
-  test) exec .venv/bin/python -m pytest -q "$@" ;;
-  test-quick) exec .venv/bin/python -m pytest -q -m "not slow" "$@" ;;
+  test) exec .venv/bin/python -m pytest -q -n 2 "$@" ;;
+  test-quick) exec .venv/bin/python -m pytest -q -n 2 -m "not slow" "$@" ;;
   lint) .venv/bin/ruff check "$@" . && exec .venv/bin/ruff format --check . ;;
   train) exec .venv/bin/python -m vnet_jax.main "$@" ;;
   *) echo "usage: ./run.sh [test|test-quick|lint|train ARGS...]" >&2; exit 2 ;;

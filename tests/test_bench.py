@@ -228,6 +228,7 @@ def test_usage_errors():
     bench._floats(["1", "0", "1"], "spacing")
 
 
+@pytest.mark.slow
 def test_a_user_error_is_one_line(tmp_path):
   proc = _run("loader", f"--cache_dir={tmp_path}", "--nohuge_pages")
   assert proc.returncode == 1

@@ -38,12 +38,14 @@ def _run(tmp_path, *args: str, env_extra: dict | None = None) -> subprocess.Comp
   )
 
 
+@pytest.mark.slow
 def test_a_user_error_is_one_line_on_stderr_and_exit_status_1(tmp_path):
   out = _run(tmp_path, "--fail", "--nohuge_pages")
   assert out.returncode == 1
   assert out.stderr.strip() == "error: /data/case_0001.nii.gz: cannot read NIfTI (truncated)"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are a glibc setting")
 def test_huge_pages_by_default_and_opt_out_by_flag_or_environment(tmp_path):
   assert "tunables: glibc.malloc.hugetlb=1" in _run(tmp_path).stdout
@@ -52,6 +54,7 @@ def test_huge_pages_by_default_and_opt_out_by_flag_or_environment(tmp_path):
   assert "tunables: glibc.malloc.hugetlb=0" in opted_out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge pages are a glibc setting")
 def test_no_restart_under_a_profiler(tmp_path):
   program = tmp_path / "program.py"

@@ -42,6 +42,7 @@ def test_an_unknown_experiment_is_one_line_naming_the_shipped_ones():
     main.experiment_path("/tmp/missing.py")
 
 
+@pytest.mark.slow
 def test_experiment_and_overrides_come_from_a_flag_file(tmp_path):
   flagfile = tmp_path / "flags.txt"
   flagfile.write_text("--experiment=seed\n--config.num_steps=7\n")
@@ -50,6 +51,7 @@ def test_experiment_and_overrides_come_from_a_flag_file(tmp_path):
   assert out.stdout.split() == ["seed", "7", "(0.26,", "22.53,", "22.53,", "26.21)", "0"]
 
 
+@pytest.mark.slow
 def test_a_users_own_config_file_by_path_from_any_directory(tmp_path):
   mine = tmp_path / "configs" / "mine.py"
   mine.parent.mkdir()
@@ -62,6 +64,7 @@ def test_a_users_own_config_file_by_path_from_any_directory(tmp_path):
   assert out.stdout.split() == [str(mine), "3", "None", "4"]
 
 
+@pytest.mark.slow
 def test_a_bad_experiment_or_flag_is_one_line_without_traceback(tmp_path):
   for args, expected in (
     (["--experiment=nope"], "no config file"),

@@ -248,6 +248,7 @@ def parsed_flags():
     flags.FLAGS.unparse_flags()
 
 
+@pytest.mark.slow
 def test_workers_match_in_process_and_state_is_portable(cache, parsed_flags):
   in_process = _batches(_make(cache), 5)
   it = iter(_make(cache, num_workers=2))
@@ -307,6 +308,7 @@ def test_is_foreground_patch_fraction():
   ) == [2, 5, 8]
 
 
+@pytest.mark.slow
 def test_bench_loader_prints_json_last():
   out = subprocess.run(
     [

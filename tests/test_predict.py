@@ -31,6 +31,7 @@ def trained_run(tmp_path_factory, tiny_dataset):
   return work / "w"
 
 
+@pytest.mark.slow
 def test_predictions_have_the_input_shape_affine_and_header_codes(
   trained_run, tiny_dataset, tmp_path
 ):
@@ -74,6 +75,7 @@ def test_a_perfect_model_returns_the_reference_exactly_in_original_geometry(tmp_
     np.testing.assert_array_equal(restored, reference)
 
 
+@pytest.mark.slow
 def test_cli_reports_a_bad_file_on_one_line_and_predicts_the_others(
   trained_run, tiny_dataset, tmp_path
 ):
@@ -108,6 +110,7 @@ def test_cli_reports_a_bad_file_on_one_line_and_predicts_the_others(
   assert written == sorted(f.name.replace("_0000", "") for f in good)
 
 
+@pytest.mark.slow
 def test_unknown_workdir_or_checkpoint_is_a_clear_error(trained_run, tmp_path):
   with pytest.raises(DataError, match="config.json"):
     predict.Predictor(tmp_path)
@@ -117,6 +120,7 @@ def test_unknown_workdir_or_checkpoint_is_a_clear_error(trained_run, tmp_path):
     predict.Predictor(trained_run, which="999")
 
 
+@pytest.mark.slow
 def test_prediction_imports_neither_training_nor_optax_nor_matplotlib():
   code = (
     "import sys, vnet_jax.predict\n"
@@ -131,6 +135,7 @@ def test_prediction_imports_neither_training_nor_optax_nor_matplotlib():
   assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_restores_the_trained_weights_without_the_optimizer_state(trained_run):
   config = predict.Predictor(trained_run, which="latest").config
   model = build_model(config, 14, 1)
@@ -150,6 +155,7 @@ def test_restores_the_trained_weights_without_the_optimizer_state(trained_run):
     np.testing.assert_array_equal(restored, saved, err_msg=str(path))
 
 
+@pytest.mark.slow
 def test_tta_follows_the_run_config_unless_the_command_line_says(trained_run, tmp_path):
   run = tmp_path / "run"
   shutil.copytree(trained_run, run)

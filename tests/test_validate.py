@@ -35,6 +35,7 @@ def test_new_weights_give_new_predictions_without_a_new_compile():
   assert len(reused._step._executables) == 1
 
 
+@pytest.mark.slow
 def test_a_run_builds_its_validator_once(tiny_dataset, tmp_path, monkeypatch):
   built = []
   original = validate.Validator.__init__

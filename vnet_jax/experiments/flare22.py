@@ -6,8 +6,9 @@ Get FLARE22Train.zip from Zenodo record 7860267 and unzip it to data/FLARE22Trai
 
 Any nnU-Net v2 dataset (dataset.json + imagesTr/ + labelsTr/) works with the same command:
 channels, classes and normalisation come from its dataset.json. The default schedule is
-250k steps, sized for a GPU; no FLARE22 figure has been measured with this package yet
-(docs/results.md lists what has been).
+250k steps, sized for a GPU. The recipe (on-device augmentation, Dice + focal, no deep
+supervision) is the best of the ablation in docs/results.md; no FLARE22 figure has been measured
+with this package yet.
 """
 
 from vnet_jax.experiments import base
