@@ -10,7 +10,8 @@ docs/performance.md can be rerun on any machine:
 Mirrors vnet_jax/model.py: residual blocks of two 3x3x3 convs with BatchNorm (ReLU between,
 1x1 shortcut where channels change), 2x2x2 stride-2 convolution down and transposed convolution
 up, skip concatenation, dropout 0.1 after each downsampling and before the 1x1 head; softmax,
-Dice + focal loss (FACTS.md formulas), Adam. Prints one JSON line like the bench's.
+Dice + focal loss (the seed's formulas, vnet_jax/losses.py), Adam. Prints one JSON line like
+the bench's.
 """
 
 import argparse

@@ -1,4 +1,5 @@
-"""Losses against float64 NumPy references written from the FACTS.md formulas."""
+"""Losses against float64 NumPy references written from the seed's
+(segmentation_models) formulas."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,5 @@
-"""Metrics against float64 NumPy references written from the Keras / FACTS.md definitions."""
+"""Metrics against float64 NumPy references written from the Keras /
+segmentation_models definitions."""
 
 import jax
 import jax.numpy as jnp

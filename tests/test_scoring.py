@@ -140,7 +140,7 @@ def test_evaluate_case_matches_uncropped_surface_distance():
   got = scoring.evaluate_case(pred, ref, spacing, [1, 2], {1: 1.5, 2: 3.0})
   for c, tol in ((1, 1.5), (2, 3.0)):
     with warnings.catch_warnings():
-      warnings.simplefilter("ignore", DeprecationWarning)
+      warnings.filterwarnings("ignore", category=DeprecationWarning, module="surface_distance")
       d = sd.compute_surface_distances(ref == c, pred == c, spacing)
     assert got[c]["nsd"] == pytest.approx(sd.compute_surface_dice_at_tolerance(d, tol), abs=1e-12)
     assert got[c]["hd95"] == pytest.approx(sd.compute_robust_hausdorff(d, 95), abs=1e-12)

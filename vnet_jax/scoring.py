@@ -1,6 +1,6 @@
 """FLARE22-style scores of label arrays, and their means over cases (no files, no flags).
 
-Scoring follows the official FLARE22 scorer (FACTS.md section 1), per case and class:
+Scoring follows the official FLARE22 scorer, per case and class:
 - DSC, and NSD (DeepMind `surface-distance`, surface elements weighted by area) at the class's
   tolerance in mm, plus HD95 (`compute_robust_hausdorff(.., 95)`), all with the voxel spacing
   of the REFERENCE header.
@@ -130,7 +130,7 @@ def _score_class(pred, ref, c, rbox, pbox, spacing, tolerance, slice_scored, sli
   dice = 2.0 * np.count_nonzero(r & p) / (n_ref + n_pred)
   with warnings.catch_warnings():
     # surface-distance 0.1 calls scipy.ndimage.filters/morphology (deprecated aliases).
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="surface_distance")
     dists = sd_metrics.compute_surface_distances(r, p, spacing)
   nsd = sd_metrics.compute_surface_dice_at_tolerance(dists, tolerance)
   hd95 = sd_metrics.compute_robust_hausdorff(dists, 95)
