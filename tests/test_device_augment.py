@@ -56,6 +56,7 @@ def test_a_patch_is_a_pure_function_of_its_key():
   assert not np.array_equal(a[0], c[0])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["all_on", "defaults"])
 def test_batch_gives_each_sample_its_own_key(which):
   # With the defaults most transforms are drawn by no sample of a batch, and skipped.
@@ -94,6 +95,7 @@ def test_switching_one_transform_off_keeps_the_others_draws():
   np.testing.assert_allclose(both, again, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_under_pmap():
   image, label = patch()
   n = jax.local_device_count()

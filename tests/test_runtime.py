@@ -86,6 +86,7 @@ def test_exec_with_huge_pages_respects_a_set_tunable_and_other_systems(
   assert _exec_env(monkeypatch, platform, tunables) == []
 
 
+@pytest.mark.slow
 def test_compiled_model_propagates_nan_like_xla():
   """Overflowing activations must reach the logits as NaN, or a diverged run trains on silently."""
   # 16x16 slices: smaller ones do not go through the YNNPACK fusions that could swallow NaN.

@@ -36,6 +36,7 @@ def _batch(rng, devices, per_device, patch, num_classes):
 ONE_LEVEL = {"model.filters": (4,)}
 
 
+@pytest.mark.slow
 def test_train_step_matches_a_hand_written_adam_step(tmp_path):
   loss_config = {"focal_weight": 0.5, "focal_alpha": 0.5, "focal_gamma": 1.5}
   config = make_tiny_config(
@@ -129,6 +130,7 @@ def test_class_weights_must_match_the_classes(tmp_path):
     train.class_weights(config, 3)
 
 
+@pytest.mark.slow
 def test_two_devices_equal_one_device_with_the_same_global_batch(tmp_path):
   # vmap with the step's axis name runs the collectives pmap runs over devices (gradient and
   # metric means, Dice sums, BatchNorm statistics), in this process; the multi-host test runs

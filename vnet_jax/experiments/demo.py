@@ -6,7 +6,7 @@ r"""Demo: a small VNet on synthetic FLARE22-like CT, sized for a 2-core CPU (und
 On first use it writes a synthetic FLARE22-layout dataset to WORKDIR/synthetic_data, then
 preprocesses it, trains on folds 1-4 with the base config's on-device augmentation, validates
 fold 0 with sliding-window inference and prints a per-organ Dice table. Measured 2026-11-30 on a
-2-core CPU: about 8 minutes, mean organ Dice 0.815 (12 organs at 0.76-0.95; the right adrenal
+2-core CPU: 5 minutes, mean organ Dice 0.815 (12 organs at 0.76-0.95; the right adrenal
 gland, a small organ the network has not started to predict after 500 steps, at 0).
 docs/results.md has the ablation behind this recipe. For a smoke test: --config.num_steps=20.
 """
