@@ -54,6 +54,25 @@ def _softmax_bwd(probs, grad):
 softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
+def overlaps(pred, onehot, axis_name: str | None = None, mask=None):
+  """Per-class (tp, fp, fn) of (soft or hard) predictions, summed over batch and space, in
+  float32; under pmap, over every device's share of the batch with `axis_name`. Voxels where
+  `mask` (N, D, H, W) is 0 count nowhere (their one-hot rows must be zero)."""
+  pred = pred.astype(jnp.float32)
+  onehot = onehot.astype(jnp.float32)
+  if mask is not None:
+    pred = pred * mask[..., None]
+  sums = (
+    jnp.sum(onehot * pred, axis=_SPATIAL_AND_BATCH),
+    jnp.sum(pred, axis=_SPATIAL_AND_BATCH),
+    jnp.sum(onehot, axis=_SPATIAL_AND_BATCH),
+  )
+  if axis_name is not None:
+    sums = lax.psum(sums, axis_name)
+  tp, sum_pred, sum_true = sums
+  return tp, sum_pred - tp, sum_true - tp
+
+
 def dice_loss(
   probs,
   onehot,
@@ -70,20 +89,7 @@ def dice_loss(
   is 1 where a voxel counts, 0 where it is ignored; without background, class 0 is left out of
   the mean (nnU-Net's batch Dice).
   """
-  probs = probs.astype(jnp.float32)
-  onehot = onehot.astype(jnp.float32)
-  if mask is not None:
-    probs = probs * mask[..., None]
-  sums = (
-    jnp.sum(onehot * probs, axis=_SPATIAL_AND_BATCH),
-    jnp.sum(probs, axis=_SPATIAL_AND_BATCH),
-    jnp.sum(onehot, axis=_SPATIAL_AND_BATCH),
-  )
-  if axis_name is not None:
-    sums = lax.psum(sums, axis_name)
-  tp, sum_p, sum_g = sums
-  fp = sum_p - tp
-  fn = sum_g - tp
+  tp, fp, fn = overlaps(probs, onehot, axis_name, mask)
   score = (2.0 * tp + smooth) / (2.0 * tp + fn + fp + smooth)
   if class_weights is not None:
     score = score * jnp.asarray(class_weights, jnp.float32)

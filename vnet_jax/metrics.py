@@ -1,9 +1,8 @@
 """Training-time metrics (the seed's Keras metrics), jit-able."""
 
 import jax.numpy as jnp
-from jax import lax
 
-_SPATIAL_AND_BATCH = (0, 1, 2, 3)
+from vnet_jax.losses import overlaps
 
 
 def accuracy(probs, onehot, mask=None):
@@ -30,18 +29,5 @@ def iou_score(
   that of the whole global batch, as on one device (a mean of per-device ratios is not). With
   `mask`, voxels where it is 0 are left out.
   """
-  pred = (probs > threshold).astype(jnp.float32)
-  if mask is not None:
-    pred = pred * mask[..., None]
-  g = onehot.astype(jnp.float32)
-  sums = (
-    jnp.sum(g * pred, axis=_SPATIAL_AND_BATCH),
-    jnp.sum(pred, axis=_SPATIAL_AND_BATCH),
-    jnp.sum(g, axis=_SPATIAL_AND_BATCH),
-  )
-  if axis_name is not None:
-    sums = lax.psum(sums, axis_name)
-  tp, sum_pred, sum_g = sums
-  fp = sum_pred - tp
-  fn = sum_g - tp
+  tp, fp, fn = overlaps(probs > threshold, onehot, axis_name, mask)
   return jnp.mean((tp + smooth) / (tp + fp + fn + smooth))
