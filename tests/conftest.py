@@ -2,6 +2,9 @@
 environment of the tests' subprocesses."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 # The tests check numbers and behaviour, not speed, and XLA:CPU compilation dominates their time:
 # its cheapest settings (no LLVM optimisation, the older fusion emitters) compile the tiny models
@@ -83,3 +86,11 @@ def subprocess_env(devices: int = 1, **extra: str) -> dict[str, str]:
     "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
     **extra,
   }
+
+
+def run_module(module: str, *args: str, **kwargs) -> subprocess.CompletedProcess:
+  """`python -m module args...` from the repository root, output captured as text."""
+  kwargs = {"cwd": Path(__file__).resolve().parent.parent, "timeout": 120, **kwargs}
+  return subprocess.run(
+    [sys.executable, "-m", module, *args], capture_output=True, text=True, **kwargs
+  )

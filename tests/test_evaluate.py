@@ -3,22 +3,18 @@
 import csv
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 from absl import flags
 
+from tests.conftest import run_module
 from tests.label_volumes import cube, tube
 from vnet_jax import evaluate as ev
 from vnet_jax import scoring
 from vnet_jax.data.layouts import FLARE22_CLASSES
 from vnet_jax.errors import DataError
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def save(path, arr, affine=None, spacing=(1.0, 1.0, 1.0)):
@@ -173,13 +169,7 @@ def test_folder_errors_name_the_file(tmp_path):
 
 
 def _cli(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "vnet_jax.evaluate", *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  return run_module("vnet_jax.evaluate", *args)
 
 
 @pytest.mark.slow

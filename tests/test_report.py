@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import run_module
 from tests.test_plots import assert_png
 from vnet_jax import report
 from vnet_jax.data import cache as cache_lib
@@ -167,13 +168,7 @@ def test_bad_workdir_and_summary(tmp_path):
 
 
 def run_cli(*args):
-  return subprocess.run(
-    [sys.executable, "-m", "vnet_jax.report", *args],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+  return run_module("vnet_jax.report", *args)
 
 
 @pytest.mark.slow
