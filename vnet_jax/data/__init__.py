@@ -1,6 +1,7 @@
 """Datasets, from the user's NIfTI files to training batches.
 
 - `layouts`: FLARE22 and nnU-Net v2 dataset discovery, the FLARE22 class table, case ids.
+- `dicom`: DICOM series discovery and reading (SimpleITK) into in-memory NIfTI images.
 - `validation`: header and content checks of the NIfTI files (one-line `DataError`s).
 - `plan`: `PreprocessSettings`, the plan (plan.json) with its CT statistics, the cache hash.
 - `geometry`: RAS reorientation to and from the package's (z, y, x), crop boxes, affines.
