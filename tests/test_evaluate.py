@@ -193,6 +193,9 @@ def test_cli_success_and_bad_input(tmp_path):
   p = _cli(f"--cv={tmp_path / 'exp'}")
   assert p.returncode == 0, p.stderr
   assert "1 folds: fold0" in p.stdout and "0.7500 +- 0.0000" in p.stdout
+  # Without NIfTI validation predictions there is nothing to decide postprocessing from.
+  assert "no postprocessing decision" in p.stdout
+  assert not (tmp_path / "exp" / "postprocessing.json").exists()
   rows = list(csv.DictReader((tmp_path / "exp" / "cv_summary.csv").open()))
   assert rows[-1]["class"] == "mean" and float(rows[-1]["dice_mean"]) == pytest.approx(0.75)
 

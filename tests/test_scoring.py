@@ -149,6 +149,19 @@ def test_evaluate_case_matches_uncropped_surface_distance():
     assert got[c]["dice"] == pytest.approx(expected, abs=1e-12)
 
 
+def test_dice_only_scoring_equals_full_dice_and_skips_surfaces(monkeypatch):
+  rng = np.random.default_rng(1)
+  ref = rng.integers(0, 7, (12, 10, 9)).astype(np.uint8)
+  pred = np.where(rng.random(ref.shape) < 0.3, rng.integers(0, 7, ref.shape), ref).astype(np.uint8)
+  ids = [1, 2, 3, 5, 6]  # 5 and 6 follow the slice rule
+  full = scoring.evaluate_case(pred, ref, (1.0, 1.2, 2.5), ids, TOL, slice_axis=0)
+  monkeypatch.setattr(scoring.sd_metrics, "compute_surface_distances", None)  # must not be called
+  fast = scoring.evaluate_case(pred, ref, (1.0, 1.2, 2.5), ids, {}, slice_axis=0, surface=False)
+  for c in ids:
+    assert fast[c]["dice"] == full[c]["dice"]
+    assert math.isnan(fast[c]["nsd"]) and math.isnan(fast[c]["hd95"])
+
+
 # ---------------------------------------------------------------------------- tolerances, means
 
 

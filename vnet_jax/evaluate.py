@@ -6,7 +6,11 @@ r"""Scores a folder of predicted NIfTI label maps against references; the scorin
 
 The scores are `scoring.evaluate_case`'s (FLARE22 rules, with the reference header's spacing and
 axial axis), written by `summaries.write_summary`; `--cv` gathers the folds' summaries
-(`summaries.cross_validation_summary`).
+(`summaries.cross_validation_summary`) and then, from the folds' validation predictions
+(fold*/eval/predictions/*.nii.gz), decides per organ whether keeping only its largest connected
+component raises its pooled cross-validated Dice (`postprocessing.decide`, nnU-Net's rule),
+writing EXP/postprocessing.json, which `predict` applies. An experiment without any NIfTI
+validation predictions gets the summaries only.
 
 `evaluate_folder` pairs files by case id (file name without .nii/.nii.gz). As nnU-Net does, a
 reference without a prediction is an error (`chill=True` / `--chill` scores only the predicted
@@ -31,7 +35,8 @@ from vnet_jax.errors import DataError
 AFFINE_ATOL_MM = 1e-3
 
 
-def _list_cases(folder: Path, what: str) -> dict[str, Path]:
+def list_cases(folder: Path, what: str) -> dict[str, Path]:
+  """{case id: path} of the NIfTI files in folder (other files are skipped); DataError if none."""
   if not folder.is_dir():
     raise DataError(f"{folder}: {what} folder does not exist")
   cases: dict[str, Path] = {}
@@ -77,6 +82,31 @@ def load_label(path: str | Path) -> tuple[np.ndarray, np.ndarray, tuple[float, f
   return data, affine, zooms
 
 
+def load_pair(
+  pred_path: Path, ref_path: Path
+) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float], int]:
+  """(prediction, reference, the reference's spacing, its axial axis) of one case.
+
+  DataError unless both are readable label maps on the same voxel grid (shape and affine).
+  """
+  ref, ref_affine, spacing = load_label(ref_path)
+  pred, pred_affine, _ = load_label(pred_path)
+  if pred.shape != ref.shape:
+    raise DataError(
+      f"{pred_path}: shape {pred.shape} differs from reference {ref_path} shape {ref.shape}"
+    )
+  if not np.allclose(pred_affine, ref_affine, rtol=0, atol=AFFINE_ATOL_MM):
+    raise DataError(
+      f"{pred_path}: affine differs from reference {ref_path} "
+      f"(max difference {np.abs(pred_affine - ref_affine).max():.4g})"
+    )
+  try:
+    axis = scoring.axial_axis(ref_affine)
+  except ValueError:
+    raise DataError(f"{ref_path}: cannot tell the axial axis from the affine") from None
+  return pred, ref, spacing, axis
+
+
 def class_names_from_dataset_json(path: str | Path) -> dict[int, str]:
   """Foreground {id: name} of an nnU-Net v2 dataset.json; its "ignore" label is not a class."""
   _, names, _ = layouts.read_dataset_json(Path(path))
@@ -109,8 +139,8 @@ def evaluate_folder(
   Reference labels that are not scored classes count as background.
   """
   pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
-  refs = _list_cases(ref_dir, "reference")
-  preds = _list_cases(pred_dir, "prediction")
+  refs = list_cases(ref_dir, "reference")
+  preds = list_cases(pred_dir, "prediction")
   for cid, path in preds.items():
     if cid not in refs:
       raise DataError(f"{path}: no reference {cid}.nii.gz (or .nii) in {ref_dir}")
@@ -142,21 +172,7 @@ def evaluate_folder(
   pred_labels: dict[str, set[int]] = {}
   found: set[int] = set()
   for cid in case_ids:
-    ref, ref_affine, spacing = load_label(refs[cid])
-    pred, pred_affine, _ = load_label(preds[cid])
-    if pred.shape != ref.shape:
-      raise DataError(
-        f"{preds[cid]}: shape {pred.shape} differs from reference {refs[cid]} shape {ref.shape}"
-      )
-    if not np.allclose(pred_affine, ref_affine, rtol=0, atol=AFFINE_ATOL_MM):
-      raise DataError(
-        f"{preds[cid]}: affine differs from reference {refs[cid]} "
-        f"(max difference {np.abs(pred_affine - ref_affine).max():.4g})"
-      )
-    try:
-      axis = scoring.axial_axis(ref_affine)
-    except ValueError:
-      raise DataError(f"{refs[cid]}: cannot tell the axial axis from the affine") from None
+    pred, ref, spacing, axis = load_pair(preds[cid], refs[cid])
     ref_present = {int(c) for c in np.flatnonzero(np.bincount(ref.ravel())) if c > 0}
     pred_present = {int(c) for c in np.flatnonzero(np.bincount(pred.ravel())) if c > 0}
     found |= ref_present
@@ -193,6 +209,22 @@ def evaluate_folder(
 # ---------------------------------------------------------------------------- command line
 
 
+def _decide_postprocessing(exp_dir: Path) -> None:
+  from vnet_jax import postprocessing  # it builds on this module's loaders
+
+  folds = summaries.fold_dirs(exp_dir)
+  predictions = [p for f in folds for p in (f / postprocessing.PREDICTIONS).glob("*")]
+  if not any(layouts.split_nifti_name(p.name) for p in predictions):
+    where = exp_dir / "fold*" / postprocessing.PREDICTIONS
+    print(f"no postprocessing decision: no NIfTI validation predictions in {where}", flush=True)
+    return
+  print(f"deciding postprocessing from {len(folds)} folds' validation predictions", flush=True)
+  decision = postprocessing.decide(exp_dir)
+  path = postprocessing.write_decision(decision, exp_dir)
+  print(postprocessing.format_decision(decision))
+  print(f"wrote {path}")
+
+
 def main(argv: list[str]) -> None:
   FLAGS = flags.FLAGS
   if len(argv) > 1:
@@ -202,6 +234,7 @@ def main(argv: list[str]) -> None:
     path_json, path_csv = summaries.write_cv_summary(cv, FLAGS.cv)
     print(summaries.format_cv_table(cv))
     print(f"wrote {path_json} and {path_csv}")
+    _decide_postprocessing(Path(FLAGS.cv))
     return
   if not FLAGS.pred_dir or not FLAGS.ref_dir:
     raise DataError("pass --pred_dir and --ref_dir (or --cv=EXPERIMENT_DIR)")
@@ -229,6 +262,10 @@ if __name__ == "__main__":
     "Score only cases with a prediction (default: a reference without a prediction is an error).",
   )
   flags.DEFINE_string(
-    "cv", None, "Experiment dir: gather fold*/eval/summary.json into cv_summary.json/.csv."
+    "cv",
+    None,
+    "Experiment dir: gather fold*/eval/summary.json into cv_summary.json/.csv, then decide per "
+    "organ from fold*/eval/predictions/*.nii.gz whether keeping its largest connected component "
+    "raises its pooled validation Dice -> postprocessing.json (applied by predict).",
   )
   cli.run(main, huge_pages=False)

@@ -126,6 +126,17 @@ def _mean_std(values: Sequence[float]) -> dict[str, float]:
   return {"mean": float(v.mean()), "std": float(v.std())}
 
 
+def fold_dirs(exp_dir: str | Path) -> list[Path]:
+  """The experiment's fold*/ workdirs in fold order; DataError if there are none."""
+  exp_dir = Path(exp_dir)
+  if not exp_dir.is_dir():
+    raise DataError(f"{exp_dir}: experiment directory does not exist")
+  folds = sorted((p for p in exp_dir.glob("fold*") if p.is_dir()), key=_fold_key)
+  if not folds:
+    raise DataError(f"{exp_dir}: no fold*/ directories")
+  return folds
+
+
 def cross_validation_summary(exp_dir: str | Path) -> dict:
   """Gathers exp_dir/fold*/eval/summary.json into mean and std over folds.
 
@@ -134,12 +145,7 @@ def cross_validation_summary(exp_dir: str | Path) -> dict:
   The overall mean is the mean of the folds' mean_dice, its std the std of those fold means.
   Std is numpy's default (population, ddof=0); metrics a fold does not report are skipped.
   """
-  exp_dir = Path(exp_dir)
-  if not exp_dir.is_dir():
-    raise DataError(f"{exp_dir}: experiment directory does not exist")
-  folds = sorted((p for p in exp_dir.glob("fold*") if p.is_dir()), key=_fold_key)
-  if not folds:
-    raise DataError(f"{exp_dir}: no fold*/ directories")
+  folds = fold_dirs(exp_dir)
   summaries = [read_summary(f / "eval" / "summary.json") for f in folds]
   names: list[str] = []
   for s in summaries:
