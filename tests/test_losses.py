@@ -92,6 +92,29 @@ def test_focal_gradient_and_all_zero_rows_match_reference():
   )
 
 
+def test_unclipped_focal_matches_reference_and_keeps_a_gradient_below_the_clip():
+  rng = np.random.default_rng(6)
+  shape, num_classes = (2, 3, 4, 5), 4
+  logits = rng.normal(0, 3, (*shape, num_classes))
+  logits[0, 0, 0, 0] = (-30.0, 0.0, 0.0, 0.0)  # true class 0 at p ~ 1e-13, far below the clip
+  g = np.eye(num_classes)[rng.integers(0, num_classes, shape)]
+  g[0, 0, 0, 0] = np.eye(num_classes)[0]
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))  # float64 log-softmax
+  p = np.exp(log_p)
+  expected = np.mean(-g * 0.25 * (1 - p) ** 2 * log_p)
+  x, onehot = jnp.asarray(logits, jnp.float32), jnp.asarray(g, jnp.float32)
+
+  def loss(z, clip):
+    return losses.focal_loss(losses.softmax(z), onehot, clip=clip, logits=z)
+
+  np.testing.assert_allclose(loss(x, None), expected, rtol=1e-5)
+  # d loss / d logit of the true class: -alpha (1 - p)^gamma (1 - p) (1 + ...) ~ -alpha / size.
+  dead = jax.grad(loss)(x, 1e-7)[0, 0, 0, 0, 0]
+  alive = jax.grad(loss)(x, None)[0, 0, 0, 0, 0]
+  assert dead == 0.0
+  np.testing.assert_allclose(alive, -0.25 / g.size, rtol=1e-4)
+
+
 def _total(p, g, w=None):
   """The seed's loss at focal weight 1: Dice + focal."""
   return losses.dice_loss(p, g, w) + losses.focal_loss(p, g)

@@ -2,7 +2,8 @@
 
 - `dice_focal` (the seed's, the `segmentation_models` 3D definitions): class-weighted soft Dice
   over every class, plus focal_weight x categorical focal loss (alpha 0.25, gamma 2) averaged
-  over every element (N, D, H, W, C).
+  over every element (N, D, H, W, C); `focal_clip` 1e-7 is the seed's clipped focal loss, None
+  the same loss without its dead gradient (see `focal_loss`).
 - `dice_ce` (nnU-Net's DC_and_CE for 3d_fullres): batch soft Dice over the foreground classes,
   plus cross-entropy averaged over voxels.
 
@@ -102,17 +103,29 @@ def _voxel_count(onehot, mask):
   return onehot[..., 0].size if mask is None else jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def focal_loss(probs, onehot, alpha: float = 0.25, gamma: float = 2.0, mask=None):
-  """Mean over every element (N, D, H, W, C) of -g * alpha * (1 - p)^gamma * log(p), p clipped;
-  with `mask`, over the elements of the voxels that count.
+def focal_loss(
+  probs, onehot, alpha: float = 0.25, gamma: float = 2.0, mask=None, clip=1e-7, logits=None
+):
+  """Mean over every element (N, D, H, W, C) of -g * alpha * (1 - p)^gamma * log(p); with
+  `mask`, over the elements of the voxels that count.
+
+  clip: the seed's definition, p clipped to [clip, 1 - clip]. Its gradient is zero wherever the
+    true class's p is below `clip`, so an organ whose probability training pushes that low early
+    on never recovers. None: log(p) from log_softmax(`logits`) instead, no clipping, a gradient
+    that never vanishes (the same loss wherever p is within the clip range).
 
   `onehot` rows are one-hot (all zero for ignored voxels), so each voxel has one non-zero term:
   it is evaluated on the true class's probability alone, not on all C (a third of the loss's
   time at 14 classes).
   """
   g = onehot.astype(jnp.float32)
-  p = jnp.clip(jnp.sum(g * probs.astype(jnp.float32), axis=-1), 1e-7, 1.0 - 1e-7)
-  total = jnp.sum(jnp.sum(g, axis=-1) * -alpha * (1.0 - p) ** gamma * jnp.log(p))
+  if clip is None:
+    log_p = jnp.sum(g * jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-1)
+    p = jnp.exp(log_p)
+  else:
+    p = jnp.clip(jnp.sum(g * probs.astype(jnp.float32), axis=-1), clip, 1.0 - clip)
+    log_p = jnp.log(p)
+  total = jnp.sum(jnp.sum(g, axis=-1) * -alpha * (1.0 - p) ** gamma * log_p)
   return total / (_voxel_count(g, mask) * g.shape[-1])
 
 
@@ -133,7 +146,10 @@ def segmentation_loss(logits, labels, num_classes: int, config, class_weights=No
   probs = softmax(logits.astype(jnp.float32))
   if config.name == "dice_focal":
     dice = dice_loss(probs, onehot, class_weights, config.smooth, axis_name, mask)
-    parts = {"focal_loss": focal_loss(probs, onehot, config.focal_alpha, config.focal_gamma, mask)}
+    focal = focal_loss(
+      probs, onehot, config.focal_alpha, config.focal_gamma, mask, config.focal_clip, logits
+    )
+    parts = {"focal_loss": focal}
     other = config.focal_weight * parts["focal_loss"]
   elif config.name == "dice_ce":
     dice = dice_loss(probs, onehot, None, config.smooth, axis_name, mask, include_background=False)

@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.focal_weight = 1.0
   c.loss.focal_alpha = 0.25
   c.loss.focal_gamma = 2.0
+  # None: focal loss from log-softmax, never a dead gradient; 1e-7: the seed's clipped focal loss,
+  # whose gradient vanishes for an organ once its probability is below the clip.
+  c.loss.focal_clip = config_dict.placeholder(float)
   c.loss.smooth = 1e-5
 
   c.data = ml_collections.ConfigDict()

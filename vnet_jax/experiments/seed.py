@@ -23,5 +23,6 @@ def get_config():
   c.learning_rate = 1e-4
   # The seed trained without augmentation or deep supervision, on Dice + focal.
   c.loss.name = "dice_focal"
+  c.loss.focal_clip = 1e-7
   c.model.deep_supervision = False
   return base.switch_off_augmentation(c)
