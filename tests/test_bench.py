@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from vnet_jax import inference, runtime, train
+from vnet_jax import runtime, sliding_window, train
 from vnet_jax.benchmarks import loader, machine, synthetic_cache, train_step
 from vnet_jax.benchmarks.models import ModelSettings
 
@@ -71,12 +71,15 @@ INFER_KEYS = {
   "tta",
   "overlap",
   "windows",
+  "cases",
   "setup_s",
   "compile_s",
   "preprocess_s",
   "sliding_window_s",
   "map_back_s",
+  "write_s",
   "total_s",
+  "s_per_case",
   "s_per_window",
   "peak_rss_mb",
   "peak_device_memory_mb",
@@ -174,8 +177,10 @@ def test_train_counts_the_flops_of_the_step_without_its_loops(monkeypatch, quick
 
 
 @pytest.mark.slow
-def test_infer_reports_seconds_per_stage_and_rss():
-  r = _bench("infer", *TINY_MODEL, "--patch=8,16,16", "--shape=48,48,12", "--overlap=0.25")
+def test_infer_reports_seconds_per_case_and_stage_and_rss():
+  r = _bench(
+    "infer", *TINY_MODEL, "--patch=8,16,16", "--shape=48,48,12", "--overlap=0.25", "--cases=3"
+  )
   assert r.keys() >= INFER_KEYS
   assert r["bench"] == "infer" and r["shape"] == [48, 48, 12] and r["tta"] is False
   assert r["spacing"] == [0.8, 0.8, 2.5] and r["target_spacing"] == [2.5, 1.0, 1.0]
@@ -186,11 +191,13 @@ def test_infer_reports_seconds_per_stage_and_rss():
   assert d == 12 and 16 <= h <= 38 and 16 <= w <= 38
   # Labels come back on the file's own voxel grid, whose axis order depends on its orientation.
   assert sorted(r["original_shape"]) == sorted([48, 48, 12])
-  assert r["windows"] == len(inference.window_starts(r["preprocessed_shape"], (8, 16, 16), 0.25))
-  assert r["windows"] > 1
-  stages = ("preprocess_s", "sliding_window_s", "map_back_s")
+  windows = sliding_window.window_starts(r["preprocessed_shape"], (8, 16, 16), 0.25)
+  assert r["windows"] == len(windows) > 1
+  stages = ("preprocess_s", "sliding_window_s", "map_back_s", "write_s")
   assert all(r[stage] > 0 for stage in stages)
   assert r["total_s"] == pytest.approx(sum(r[stage] for stage in stages), abs=0.005)
+  # Three cases in one predict run: each one's stages, less what the background thread hid.
+  assert r["cases"] == 3 and 0 < r["s_per_case"] < 3 * r["total_s"]
   assert r["s_per_window"] == pytest.approx(r["sliding_window_s"] / r["windows"], abs=1e-3)
   assert r["setup_s"] > 0 and r["compile_s"] > 0 and r["peak_rss_mb"] > 50
 

@@ -1,5 +1,6 @@
-"""Sliding-window inference against float64 NumPy references built from per-window forward
-passes."""
+"""Sliding-window inference on the devices (models, folds, mirror TTA, devices) against float64
+NumPy references built from per-window forward passes; the NumPy tiling and accumulation are
+tested in test_sliding_window.py."""
 
 import itertools
 import subprocess
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import subprocess_env
-from vnet_jax import inference
+from vnet_jax import inference, sliding_window
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW = (8, 8, 8)
@@ -66,83 +67,14 @@ def window_probs64(apply_fn, variables, x, tta):
 
 def naive_sliding(apply_fn, variables, volume, window, overlap, tta=False):
   """Whole-volume float64 accumulation, one window at a time: the reference for the slabs."""
-  g = inference.gaussian_importance_map(window).astype(np.float64)
+  g = sliding_window.gaussian_importance_map(window).astype(np.float64)
   acc = np.zeros(volume.shape[:3] + (3,))
   weight = np.zeros(volume.shape[:3])
-  for d, h, w in inference.window_starts(volume.shape, window, overlap):
+  for d, h, w in sliding_window.window_starts(volume.shape, window, overlap):
     sl = (slice(d, d + window[0]), slice(h, h + window[1]), slice(w, w + window[2]))
     acc[sl] += window_probs64(apply_fn, variables, volume[sl], tta) * g[..., None]
     weight[sl] += g
   return acc / weight[..., None]
-
-
-# ------------------------------------------------------------------------------- Gaussian map
-
-
-def test_gaussian_importance_map():
-  window = (9, 17, 25)
-  g = inference.gaussian_importance_map(window)
-  assert g.shape == window and g.dtype == np.float32
-  assert g.max() == 1.0 and g[4, 8, 12] == 1.0
-  assert np.all(g > 0)
-  # corners keep their relative weight (no 3D clamp): exp(-8) per axis at sigma = size / 8
-  np.testing.assert_allclose(
-    g[0, 0, 0], np.exp(-0.5 * 16 * sum(((s - 1) / s) ** 2 for s in window)), rtol=1e-5
-  )
-  for axes in [(0,), (1,), (2,), (0, 1, 2)]:
-    np.testing.assert_array_equal(g, np.flip(g, axes))
-  # sigma = size / 8 per axis, checked along each axis through the centre
-  for axis, size in enumerate(window):
-    idx = [4, 8, 12]
-    k = np.arange(size)
-    idx[axis] = k
-    expected = np.exp(-0.5 * ((k - (size - 1) / 2) / (size / 8)) ** 2)
-    np.testing.assert_allclose(g[tuple(idx)], expected, rtol=1e-6)
-  even = inference.gaussian_importance_map((8, 8, 8))
-  assert even.max() == 1.0 and np.array_equal(even, np.flip(even, (0, 1, 2)))
-  narrow = inference.gaussian_importance_map((32, 32, 32), sigma_scale=1 / 32)  # would underflow
-  assert narrow.min() == pytest.approx(1e-12, rel=1e-5) and narrow.max() == 1.0
-
-
-# ------------------------------------------------------------------------------ window starts
-
-
-@pytest.mark.parametrize(
-  "size,window,overlap",
-  [
-    (8, 8, 0.5),
-    (9, 8, 0.5),
-    (21, 8, 0.5),
-    (300, 64, 0.5),
-    (512, 128, 0.5),
-    (100, 64, 0.25),
-    (37, 5, 0.0),
-    (50, 7, 0.8),
-  ],
-)
-def test_axis_starts_cover_and_step(size, window, overlap):
-  starts = inference.axis_starts(size, window, overlap)
-  assert starts[0] == 0 and starts[-1] == size - window
-  assert starts == sorted(set(starts))
-  covered = np.zeros(size, bool)
-  for s in starts:
-    covered[s : s + window] = True
-  assert covered.all()
-  steps = np.diff(starts)
-  target = window * (1 - overlap)
-  assert np.all(steps <= np.ceil(target))  # np.round of evenly spread real steps
-  # fewest steps with the (unrounded) step at most the target, as nnU-Net
-  assert len(starts) == int(np.ceil((size - window) / target)) + 1
-
-
-def test_window_starts_nnunet_values_and_order():
-  assert inference.axis_starts(300, 64, 0.5) == [0, 30, 59, 88, 118, 148, 177, 206, 236]
-  starts = inference.window_starts((21, 8, 12), WINDOW, 0.5)
-  assert starts == sorted(starts)  # D-major: the slab accumulation depends on it
-  assert starts[0] == (0, 0, 0) and starts[-1] == (13, 0, 4)
-  assert len(starts) == 5 * 1 * 2
-  with pytest.raises(ValueError):
-    inference.axis_starts(7, 8)
 
 
 # ------------------------------------------------------------------------------ predictions
@@ -197,22 +129,7 @@ def test_bfloat16_logits_are_softmaxed_in_float32():
   np.testing.assert_allclose(out, ref, atol=2e-6)
 
 
-def test_volume_smaller_than_window_is_padded_centred_and_cropped():
-  apply_fn, variables = make_model(kernel=3)
-  vol = random_volume((5, 12, 3))  # D and W below the window, H above
-  pred = inference.SlidingWindowPredictor(apply_fn, variables, WINDOW, 3)
-  out = pred.predict_probabilities(vol, dtype=np.float32)
-  assert out.shape == (5, 12, 3, 3)
-  assert pred.predict_labels(vol).shape == (5, 12, 3)
-  # Reference: pad with 0 centred (nnU-Net's pad_nd_image), tile the padded volume, crop.
-  padded = np.pad(vol, [(1, 2), (0, 0), (2, 3), (0, 0)])
-  ref = naive_sliding(apply_fn, variables, padded, WINDOW, 0.5)[1:6, :, 2:5]
-  np.testing.assert_allclose(out, ref, atol=1e-5)
-
-
-@pytest.mark.parametrize(
-  "overlap,tta,per_device", [(0.5, False, 3), (0.25, False, 1), (0.5, True, 2)]
-)
+@pytest.mark.parametrize("overlap,tta,per_device", [(0.5, False, 3), (0.5, True, 2)])
 def test_slab_accumulation_equals_naive_full_accumulation(overlap, tta, per_device):
   apply_fn, variables = make_model(kernel=3)
   vol = random_volume(
@@ -267,6 +184,33 @@ def test_compiles_once_for_all_volume_sizes():
   assert len(traces) == 1 and traces[0] == (2, *WINDOW, 2)
 
 
+def test_fold_ensemble_averages_the_folds_probabilities_in_one_compile():
+  apply_fn, _ = make_model(kernel=3)
+  folds = [make_model(kernel=3, seed=seed)[1] for seed in range(2)]
+  tta = True
+  traces = []
+
+  def counting_apply(v, x):
+    traces.append(x.shape)  # Python side effect: runs only while tracing
+    return apply_fn(v, x)
+
+  runner = inference.WindowRunner(counting_apply, folds, 3, tta=tta, windows_per_device=2)
+  windows = random_volume((2, *WINDOW))
+  out = np.asarray(runner(windows))
+  assert out.shape == (2, *WINDOW, 3) and out.dtype == np.float32
+  per_fold = [[window_probs64(apply_fn, v, w, tta) for w in windows] for v in folds]
+  np.testing.assert_allclose(out, np.mean(per_fold, axis=0), atol=1e-5)
+  assert np.abs(np.asarray(per_fold[0]) - np.mean(per_fold, axis=0)).max() > 1e-3
+  # The folds are a loop inside one program: the model is traced once per mirroring.
+  assert len(traces) == len(inference.MIRROR_AXES)
+  runner(windows)
+  runner.set_variables(folds[::-1])
+  np.testing.assert_allclose(np.asarray(runner(windows)), out, atol=1e-6)
+  assert len(runner._step._executables) == 1
+  with pytest.raises(ValueError, match=r"1 fold\(s\) given, built for 2"):
+    runner.set_variables(folds[:1])
+
+
 def test_rejects_bad_input():
   apply_fn, variables = make_model(kernel=1)
   pred = inference.SlidingWindowPredictor(apply_fn, variables, WINDOW, 3)
@@ -282,7 +226,7 @@ assert jax.local_device_count() == 2, jax.devices()
 sys_path = __import__("sys").path
 sys_path.insert(0, "tests")
 from test_inference import make_model, random_volume, WINDOW
-from vnet_jax import inference
+from vnet_jax import inference, sliding_window
 apply_fn, variables = make_model(kernel=3)
 vol = random_volume((21, 13, 10))  # 10 windows: the last group of 2 x 3 is padded
 for tta in (False, True):

@@ -5,14 +5,17 @@ Subcommands (the benchmarks themselves are in vnet_jax/benchmarks/):
           time, voxels/s, XLA's FLOP count of the compiled step, and the fraction of the device's
           matrix-product peak (measured in the same run) that it achieves:
           `python -m vnet_jax.bench train --patch=32,64,64 --per_device_batch=2 --dtype=float32`.
-  infer   Seconds per volume of the whole predict path (preprocess, sliding window, map back) on
-          a synthetic NIfTI case of a given shape and spacing, and the peak host RSS:
-          `python -m vnet_jax.bench infer --shape=512,512,110 --spacing=0.8,0.8,2.5 --tta`.
+  infer   Seconds per case of the whole predict path (`predict.predict_path`: read and
+          preprocess in the background, sliding window, map back, write) on --cases copies of a
+          synthetic NIfTI case of a given shape and spacing, each stage's seconds, and the
+          process's peak host RSS:
+          `python -m vnet_jax.bench infer --shape=512,512,300 --spacing=0.8,0.8,2.5 --tta`.
   loader  Grain training pipeline throughput on a synthetic cache in a temporary directory:
           `python -m vnet_jax.bench loader --patch=128,128,128 --workers=1 --cases=4`.
 
 --patch defaults per subcommand when not given: loader 128,128,128; train and infer 32,64,64 (with
---filters=8,16,32,32,32), sized to run in well under a minute on a 2-core CPU.
+--filters=8,16,32,32,32), sized to run in well under a minute on a 2-core CPU. --cases likewise:
+loader 4, infer 2.
 
 To add a subcommand, write a function here that reads its flags and returns the benchmark's
 dict, and register it in SUBCOMMANDS; `main` prints the dict as the final JSON line.
@@ -97,7 +100,12 @@ def _define_flags() -> None:
     "loader: with --workers=0, threads building batches "
     "(NumPy releases the GIL for the heavy parts).",
   )
-  flags.DEFINE_integer("cases", 4, "loader: synthetic cases in the temporary cache.")
+  flags.DEFINE_integer(
+    "cases",
+    4,
+    "loader: synthetic cases in the temporary cache; infer: copies of the synthetic case "
+    "predicted in one run (when not given, loader uses 4 and infer 2).",
+  )
   flags.DEFINE_list("volume", ["160", "192", "192"], "loader: synthetic case shape D,H,W.")
   flags.DEFINE_integer("batches", 60, "loader: batches to time (after the warm-up ones).")
   flags.DEFINE_integer("warmup", 3, "loader: batches taken before timing starts.")
@@ -135,6 +143,14 @@ def _patch(default: Sequence[str]) -> tuple[int, ...]:
   --patch is shared with `loader`, whose 128^3 default would take minutes a step on a CPU.
   """
   return _ints(FLAGS.patch if FLAGS["patch"].present else default, "patch")
+
+
+def _cases(default: int) -> int:
+  """--cases if given on the command line, else this subcommand's default."""
+  cases = FLAGS.cases if FLAGS["cases"].present else default
+  if cases < 1:
+    raise app.UsageError(f"--cases={cases}: expected a positive integer")
+  return cases
 
 
 def _model_settings():
@@ -176,6 +192,7 @@ def _infer() -> dict:
     target_spacing=_floats(FLAGS.target_spacing, "target_spacing"),
     tta=FLAGS.tta,
     overlap=FLAGS.overlap,
+    cases=_cases(2),
   )
 
 
@@ -190,7 +207,7 @@ def _loader() -> dict:
     batches=FLAGS.batches,
     warmup=FLAGS.warmup,
     cache_dir=FLAGS.cache_dir,
-    cases=FLAGS.cases,
+    cases=_cases(4),
     volume=_ints(FLAGS.volume, "volume"),
     seed=FLAGS.seed,
   )

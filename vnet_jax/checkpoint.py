@@ -111,3 +111,11 @@ def restore_variables(manager: ocp.CheckpointManager, step: int, template: Any) 
   item = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), dict(template))
   state = ocp.args.PyTreeRestore(item=item, partial_restore=True)
   return jax.tree_util.tree_map(np.asarray, dict(_restore(manager, step, state=state)["state"]))
+
+
+def load_variables(workdir: str | Path, which: str | int, template: Any) -> tuple[int, dict]:
+  """(step, {"params", "batch_stats"}) of a run's checkpoint `which` ('best', 'latest' or a
+  step, as `resolve_step`), read without creating or cleaning anything in `workdir`."""
+  manager = make_manager(workdir, read_only=True)
+  step = resolve_step(manager, which)
+  return step, restore_variables(manager, step, template)

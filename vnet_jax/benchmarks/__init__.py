@@ -1,7 +1,8 @@
 """The benchmarks behind `python -m vnet_jax.bench` (the command line is vnet_jax/bench.py).
 
 - `train_step`: the pmap'd train step on random data: time, FLOPs, efficiency, memory.
-- `predict_path`: the whole predict path on one synthetic NIfTI case: seconds per stage, RSS.
+- `predict_path`: `predict.predict_path` on copies of one synthetic NIfTI case: seconds per case
+  and per stage, peak RSS.
 - `loader`: the Grain training pipeline's patches per second on a preprocessed cache.
 - `models`: the random-weight VNet they run, built from the experiments' base config.
 - `machine`: what the figures were measured on, and its matrix-product peak.

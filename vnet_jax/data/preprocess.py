@@ -11,7 +11,8 @@ Per case, in this order:
 5. resample to the target spacing (before the 'ct' step above): images trilinear, labels per
    class linear and argmax (`resample`).
 
-`preprocess_arrays` does 2-5 for the cache (`cache`) and `preprocess_image` for a new scan;
+`preprocess_arrays` does 2-5 for the cache (`cache`) and `preprocess_image` for a new scan
+(NIfTI files or an image in memory, e.g. a DICOM series);
 `labels_to_original` / `probabilities_to_original` invert them with the case's meta, and
 `write_labels_nifti` writes the result in the input's geometry.
 """
@@ -32,9 +33,11 @@ from vnet_jax.data.layouts import Case
 from vnet_jax.data.plan import ct_stats_known
 from vnet_jax.data.validation import (
   CaseHeader,
+  ImageSource,
   check_case_content,
   check_images_header,
   read_volume,
+  source_path,
 )
 from vnet_jax.errors import DataError
 
@@ -157,24 +160,31 @@ def apply_ct_normalization(image: np.ndarray, plan: dict) -> None:
       x /= n["std"]
 
 
-def preprocess_image(image_files: Sequence[str | Path], plan: dict) -> tuple[np.ndarray, dict]:
+def preprocess_image(
+  images: Sequence[ImageSource], plan: dict, source: str | Path | None = None
+) -> tuple[np.ndarray, dict]:
   """Preprocesses a new (unlabelled) case exactly like the cached ones: (image float32
   (D,H,W,C), meta) where meta maps predictions back with `labels_to_original` and
-  `probabilities_to_original`."""
-  files = tuple(Path(f) for f in image_files)
-  if len(files) != plan["num_channels"]:
+  `probabilities_to_original`.
+
+  `images` are the case's channels in order: NIfTI files, or nibabel images already in memory
+  (e.g. a DICOM series), which errors name by `source` (e.g. the series' folder).
+  """
+  images = list(images)
+  names = tuple(source_path(im, source) for im in images)
+  if len(images) != plan["num_channels"]:
     raise DataError(
-      f"{files[0] if files else '<no files>'}: {len(files)} channel file(s) given "
+      f"{names[0] if names else '<no images>'}: {len(images)} channel file(s) given "
       f"but the model expects {plan['num_channels']} {plan['channel_names']}"
     )
-  header = check_images_header(files)
-  images = [read_volume(f)[0] for f in files]
-  case = Case(Path(files[0]).name, files, None)
-  check_case_content(case, images, None)
+  header = check_images_header(images, source=source)
+  volumes = [read_volume(im, source)[0] for im in images]
+  case = Case(names[0].name, names, None)
+  check_case_content(case, volumes, None)
   if not ct_stats_known(plan):
     raise ValueError("plan has no CT statistics (an incomplete plan.pending.json?)")
-  image, _, meta, _ = preprocess_arrays(images, None, header, plan, case.case_id)
-  meta["image_files"] = [str(f) for f in files]
+  image, _, meta, _ = preprocess_arrays(volumes, None, header, plan, case.case_id)
+  meta["image_files"] = [str(n) for n in names]
   return image, meta
 
 

@@ -4,7 +4,9 @@
 before any long preprocessing starts. Content problems (truncated data, NaN/inf intensities,
 undeclared label values) can only be seen once the voxels are read: preprocessing reads each
 volume once with `read_volume` and calls `check_case_content` on it. Every problem is a
-`DataError` whose message is one line, `"<path>: <reason>"`.
+`DataError` whose message is one line, `"<path>: <reason>"`. Images already in memory (a DICOM
+series read by `data.dicom`) get the same header and content checks (`open_image`), their
+errors naming where they came from.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ class CaseHeader:
   shape_zyx: tuple[int, int, int]
 
 
+# A scan to check or read: a NIfTI file, or an image already in memory (e.g. a DICOM series).
+ImageSource = str | Path | nib.Nifti1Image
+
+
 def read_header(path: str | Path) -> tuple[VolumeHeader, nib.Nifti1Image]:
   """Opens a NIfTI file reading only its header; DataError if unreadable, not 3D, bad affine."""
   path = Path(path)
@@ -62,6 +68,22 @@ def read_header(path: str | Path) -> tuple[VolumeHeader, nib.Nifti1Image]:
     raise DataError(f"{path}: cannot read NIfTI header ({one_line(e)})") from None
   if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
     raise DataError(f"{path}: not a NIfTI image ({type(img).__name__})")
+  header = image_header(img, path)
+  if str(path).endswith(".nii"):
+    # Uncompressed files: a truncation is visible from the size alone, no need to read voxels.
+    offset = getattr(img.dataobj, "offset", None)  # the loaded header's offset is reset to 0
+    offset = int(img.header["vox_offset"]) if offset is None else int(offset)
+    needed = offset + int(np.prod(img.shape)) * img.header.get_data_dtype().itemsize
+    actual = os.path.getsize(path)
+    if actual < needed:
+      raise DataError(f"{path}: file truncated ({actual} bytes, header needs {needed})")
+  return header, img
+
+
+def image_header(img: nib.Nifti1Image, source: str | Path) -> VolumeHeader:
+  """The header checks of `read_header` (3D, non-degenerate affine) on a loaded or in-memory
+  image; errors name `source`, where the image came from."""
+  path = Path(source)
   shape = tuple(int(s) for s in img.shape)
   while len(shape) > 3 and shape[-1] == 1:
     shape = shape[:-1]
@@ -81,15 +103,23 @@ def read_header(path: str | Path) -> tuple[VolumeHeader, nib.Nifti1Image]:
     or abs(np.linalg.det(affine[:3, :3])) < 1e-12 * float(np.prod(spacing))
   ):
     raise DataError(f"{path}: degenerate affine (voxel size {spacing.round(4).tolist()})")
-  if str(path).endswith(".nii"):
-    # Uncompressed files: a truncation is visible from the size alone, no need to read voxels.
-    offset = getattr(img.dataobj, "offset", None)  # the loaded header's offset is reset to 0
-    offset = int(img.header["vox_offset"]) if offset is None else int(offset)
-    needed = offset + int(np.prod(img.shape)) * img.header.get_data_dtype().itemsize
-    actual = os.path.getsize(path)
-    if actual < needed:
-      raise DataError(f"{path}: file truncated ({actual} bytes, header needs {needed})")
-  return VolumeHeader(path, shape, affine, tuple(float(s) for s in spacing)), img
+  return VolumeHeader(path, shape, affine, tuple(float(s) for s in spacing))
+
+
+def source_path(image: ImageSource, source: str | Path | None = None) -> Path:
+  """What errors about `image` name: its file, else `source`, else its own file name if any."""
+  if isinstance(image, (str, Path)):
+    return Path(image)
+  return Path(source or image.get_filename() or "<in-memory image>")
+
+
+def open_image(
+  image: ImageSource, source: str | Path | None = None
+) -> tuple[VolumeHeader, nib.Nifti1Image]:
+  """`read_header` for a file; the same checks for an in-memory image (named by `source`)."""
+  if isinstance(image, (str, Path)):
+    return read_header(image)
+  return image_header(image, source_path(image, source)), image
 
 
 def affines_close(a: np.ndarray, b: np.ndarray) -> bool:
@@ -100,11 +130,15 @@ def affines_close(a: np.ndarray, b: np.ndarray) -> bool:
   return bool(lin_ok and origin_ok)
 
 
-def check_images_header(image_files: Sequence[Path], case_id: str = "") -> CaseHeader:
-  """Header checks for the channel files of one case (same shape and affine)."""
-  first, _ = read_header(image_files[0])
-  for f in image_files[1:]:
-    h, _ = read_header(f)
+def check_images_header(
+  image_files: Sequence[ImageSource], case_id: str = "", source: str | Path | None = None
+) -> CaseHeader:
+  """Header checks for the channel images of one case (same shape and affine): files, or
+  in-memory images named by `source` in errors."""
+  first, _ = open_image(image_files[0], source)
+  for image in image_files[1:]:
+    h, _ = open_image(image, source)
+    f = h.path
     if h.shape != first.shape:
       raise DataError(
         f"{f}: shape {h.shape} differs from channel 0 {first.path.name} {first.shape}"
@@ -164,9 +198,12 @@ def validate_dataset(
   return headers
 
 
-def read_volume(path: str | Path) -> tuple[np.ndarray, VolumeHeader]:
-  """Reads all voxels of a 3D NIfTI (scaled by slope/intercept); DataError if unreadable."""
-  header, img = read_header(path)
+def read_volume(
+  image: ImageSource, source: str | Path | None = None
+) -> tuple[np.ndarray, VolumeHeader]:
+  """Reads all voxels of a 3D NIfTI file or in-memory image (scaled by slope/intercept);
+  DataError if unreadable."""
+  header, img = open_image(image, source)
   try:
     data = np.asanyarray(img.dataobj)
   except Exception as e:  # truncated gzip: EOFError, zlib.error, OSError, ValueError...
