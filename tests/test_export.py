@@ -1,22 +1,29 @@
-"""One-file exports: model.zip runs the checkpoints' network exactly, model.onnx matches it, and
-damaged files or mismatched folds are refused on one line."""
+"""One-file exports: model.zip runs the checkpoints' network exactly, model.onnx matches it, both
+predict scans as the workdirs do (postprocessing decision included), and damaged files or
+mismatched folds are refused on one line."""
 
+import itertools
 import json
 import shutil
+import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import jax
+import nibabel as nib
 import numpy as np
 import optax
 import pytest
 
+from tests import nifti_cases
 from tests.conftest import make_tiny_config, run_module, subprocess_env
-from vnet_jax import checkpoint, export, train
+from vnet_jax import checkpoint, export, postprocessing, predict, train
 from vnet_jax.errors import ConfigError, DataError
-from vnet_jax.exported_model import ModelInfo, load_model_zip, load_onnx
+from vnet_jax.exported_model import ModelInfo, load_model_zip, load_onnx, onnx_metadata_path
 from vnet_jax.files import write_json_atomic
 from vnet_jax.model import build_model
+from vnet_jax.trained_runs import InferenceSettings
 
 PLAN = {
   "num_channels": 1,
@@ -27,6 +34,8 @@ PLAN = {
   "class_names": {"0": "background", "1": "liver", "2": "spleen"},
 }
 STEP = 2
+# The experiment's postprocessing decision: keep the largest component of class 1 only.
+DECISION = {"connectivity": 26, "classes": {"1": {"applied": True}, "2": {"applied": False}}}
 # Not the defaults, so settings that were not taken from the run's config show.
 CONFIG = make_tiny_config(
   "data", "cache", inference__overlap=0.25, inference__tta=True, inference__windows_per_device=2
@@ -67,13 +76,14 @@ def _make_fold(workdir, seed: int) -> dict:
 
 @pytest.fixture(scope="module")
 def folds(tmp_path_factory):
-  """An experiment directory with two folds of different weights: (its path, each fold's
-  workdir and variables)."""
+  """An experiment directory with two folds of different weights and a postprocessing
+  decision: (its path, each fold's workdir and variables)."""
   exp = tmp_path_factory.mktemp("exp")
   made = []
   for i in range(2):
     (exp / f"fold{i}").mkdir()
     made.append((exp / f"fold{i}", _make_fold(exp / f"fold{i}", seed=i)))
+  postprocessing.write_decision(DECISION, exp)
   return exp, made
 
 
@@ -82,6 +92,23 @@ def model_zip(folds, tmp_path_factory):
   path = tmp_path_factory.mktemp("zip") / "model.zip"
   export.write_model_zip([w for w, _ in folds[1]], path, which="latest")
   return path
+
+
+@pytest.fixture(scope="module")
+def onnx_model(folds, tmp_path_factory):
+  """Fold 0 as model.onnx (+ model.json)."""
+  path = tmp_path_factory.mktemp("onnx") / "model.onnx"
+  export.write_onnx(folds[1][0][0], path, which="latest")
+  return path
+
+
+@pytest.fixture(scope="module")
+def scan(tmp_path_factory):
+  """A folder with one CT-like scan, neither RAS nor in (x, y, z) order."""
+  folder = tmp_path_factory.mktemp("scan")
+  image, _ = nifti_cases.synth()
+  nib.save(nib.Nifti1Image(image, nifti_cases.AFFINE), str(folder / "case_0000.nii.gz"))
+  return folder
 
 
 def _windows(n: int, seed: int) -> np.ndarray:
@@ -109,8 +136,8 @@ def test_zip_holds_every_fold_in_order_with_plan_and_settings(folds, model_zip):
   assert loaded.workdirs == tuple(str(w) for w, _ in folds[1]) and loaded.steps == (STEP, STEP)
   assert loaded.plan == PLAN
   assert loaded.class_names == {0: "background", 1: "liver", 2: "spleen"}
-  assert loaded.window == tuple(CONFIG.patch_size)
-  assert (loaded.overlap, loaded.tta, loaded.windows_per_device) == (0.25, True, 2)
+  assert loaded.settings == InferenceSettings(tuple(CONFIG.patch_size), 0.25, True, 2)
+  assert loaded.postprocess_classes == (1,)
   assert loaded.platforms == ("cpu", "cuda")
 
 
@@ -181,11 +208,9 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_partial_one(
   assert [p.name for p in tmp_path.iterdir()] == ["model.zip"]
 
 
-def test_onnx_model_matches_the_jax_network(folds, tmp_path):
+def test_onnx_model_matches_the_jax_network(folds, onnx_model):
   workdir, variables = folds[1][0]
-  path = tmp_path / "model.onnx"
-  export.write_onnx(workdir, path, which="latest")
-  loaded = load_onnx(path)
+  loaded = load_onnx(onnx_model)
   (image,), (logits,) = loaded.session.get_inputs(), loaded.session.get_outputs()
   window = list(CONFIG.patch_size)
   assert (image.name, image.type, image.shape[1:]) == ("image", "tensor(float)", [*window, 1])
@@ -198,9 +223,34 @@ def test_onnx_model_matches_the_jax_network(folds, tmp_path):
     assert got.shape == expected.shape and got.dtype == np.float32
     assert np.abs(got - expected).max() < 1e-3
   assert loaded.plan == PLAN and loaded.class_names[2] == "spleen"
-  assert (loaded.window, loaded.overlap, loaded.tta) == (tuple(CONFIG.patch_size), 0.25, True)
-  meta = json.loads((tmp_path / "model.json").read_text())
+  assert loaded.settings == InferenceSettings(tuple(CONFIG.patch_size), 0.25, True, 2)
+  assert loaded.postprocess_classes == (1,)
+  meta = json.loads(onnx_metadata_path(onnx_model).read_text())
   assert meta["folds"] == [{"workdir": str(workdir), "step": STEP}]
+  decision_file = str(folds[0] / "postprocessing.json")
+  assert meta["postprocessing"] == {"classes": [1], "decision": decision_file}
+
+
+def _softmax64(logits: np.ndarray) -> np.ndarray:
+  e = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def test_onnx_window_probabilities_are_softmax_averaged_over_the_8_mirrorings(onnx_model):
+  loaded = load_onnx(onnx_model)
+  x = _windows(2, seed=5)
+  plain = _softmax64(loaded(x))
+  got = loaded.probabilities(x)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, plain, atol=1e-6)
+  mirrored = []
+  for flips in itertools.product((False, True), repeat=3):
+    axes = tuple(a for a, flip in zip((1, 2, 3), flips) if flip)
+    mirrored.append(np.flip(_softmax64(loaded(np.flip(x, axes))), axes))
+  got = loaded.probabilities(x, tta=True)
+  assert got.dtype == np.float32 and got.shape == plain.shape
+  np.testing.assert_allclose(got, np.mean(mirrored, axis=0), atol=1e-6)
+  assert np.abs(got - plain).max() > 1e-2  # the mirrorings matter to these weights
 
 
 def test_onnx_exports_one_fold_and_needs_the_onnx_extra(folds, tmp_path, monkeypatch):
@@ -221,9 +271,13 @@ def test_a_damaged_onnx_file_or_missing_model_json_is_a_one_line_error(tmp_path)
   path.write_bytes(b"not a protobuf")
   with pytest.raises(DataError, match="model.json: missing"):
     load_onnx(path)
-  info = ModelInfo(PLAN, {0: "background"}, (8, 16, 16), 0.5, False, 1)
-  meta = {"format": "vnet_jax.onnx", "version": 1, **info.metadata()}
+  info = ModelInfo(PLAN, {0: "background"}, InferenceSettings((8, 16, 16)), None)
+  meta = {"format": "vnet_jax.onnx", "version": 1, **info.metadata(None)}
   (tmp_path / "model.json").write_text(json.dumps(meta))
+  # Exported before decisions were recorded: no decision, not an error.
+  assert "postprocessing" in meta
+  del meta["postprocessing"]
+  assert ModelInfo.from_metadata(meta) == info
   with pytest.raises(DataError) as e:
     load_onnx(path)
   assert str(path) in str(e.value) and "\n" not in str(e.value)
@@ -245,3 +299,56 @@ def test_cli_exports_an_experiment_directory(folds, model_zip, tmp_path):
   assert written.workdirs == expected.workdirs
   for a, b in zip(written.fold_variables, expected.fold_variables):
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _predict(predictor: predict.Predictor, scan: Path, out: Path, postprocess: str):
+  assert predict.predict_path(predictor, scan, out, postprocess, progress=False) == []
+  return nib.load(out / "case.nii.gz")
+
+
+def test_model_zip_predicts_the_workdirs_labels_with_their_postprocessing(
+  folds, model_zip, scan, tmp_path, capsys
+):
+  exp, _ = folds
+  from_workdirs = predict.Predictor.from_workdirs(exp, "latest", tta=False)
+  expected = _predict(from_workdirs, scan, tmp_path / "workdirs", "auto")
+  from_zip = predict.Predictor.from_model(model_zip, tta=False)
+  got = _predict(from_zip, scan, tmp_path / "zip", "auto")
+  assert f"classes [1], as recorded in {model_zip}" in capsys.readouterr().out
+  assert np.array_equal(np.asarray(got.dataobj), np.asarray(expected.dataobj))
+  assert np.array_equal(got.affine, expected.affine)
+  raw = np.asarray(_predict(from_zip, scan, tmp_path / "none", "none").dataobj)
+  assert set(np.unique(raw)) == {0, 1, 2}  # random folds, yet not a trivial labelling
+  postprocessed = postprocessing.keep_largest_component(raw, [1])
+  assert not np.array_equal(postprocessed, raw)
+  assert np.array_equal(np.asarray(got.dataobj), postprocessed)
+
+
+@pytest.mark.slow
+def test_model_onnx_predicts_without_jax_as_its_fold_does(folds, onnx_model, scan, tmp_path):
+  # The command line as `python -m vnet_jax.predict` runs it, then which modules it imported.
+  code = (
+    "import runpy, sys\n"
+    "try:\n"
+    "  runpy.run_module('vnet_jax.predict', run_name='__main__')\n"
+    "except SystemExit as e:\n"
+    "  assert not e.code, e.code\n"
+    "print('jax:', sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'flax')))\n"
+  )
+  args = [f"--model={onnx_model}", f"--input={scan}", f"--output={tmp_path / 'onnx'}", "--notta"]
+  out = subprocess.run(
+    [sys.executable, "-c", code, *args],
+    env=subprocess_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=Path(__file__).resolve().parent.parent,
+  )
+  assert out.returncode == 0, out.stderr
+  assert "jax: []" in out.stdout
+  assert f"classes [1], as recorded in {onnx_model}" in out.stdout
+  fold0 = predict.Predictor.from_workdirs(folds[1][0][0], "latest", tta=False)
+  expected = _predict(fold0, scan, tmp_path / "jax", "auto")
+  got = nib.load(tmp_path / "onnx" / "case.nii.gz")
+  assert np.array_equal(got.affine, expected.affine) and got.shape == expected.shape
+  assert np.mean(np.asarray(got.dataobj) == np.asarray(expected.dataobj)) >= 0.999

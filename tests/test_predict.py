@@ -23,7 +23,7 @@ from vnet_jax.data import dicom, layouts, preprocess, synthetic
 from vnet_jax.data.cache import prepare_dataset
 from vnet_jax.data.geometry import ras_zyx
 from vnet_jax.data.plan import PreprocessSettings
-from vnet_jax.errors import CheckpointError, DataError
+from vnet_jax.errors import CheckpointError, ConfigError, DataError
 from vnet_jax.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,6 +171,15 @@ def test_a_write_failure_stops_the_run_with_one_line_and_loses_nothing(tmp_path,
     predict.predict_path(predictor, inputs, blocked / "out", "none")
 
 
+def test_a_predictor_needs_exactly_one_of_workdir_and_model():
+  for workdir, model, given in ((None, None, "neither"), ("runs/x", "model.zip", "both")):
+    with pytest.raises(ConfigError, match=f"^--workdir / --model: {given} given; "):
+      predict.load_predictor(workdir, model)
+  # A model file holds the checkpoints it was exported from: --checkpoint would be ignored.
+  with pytest.raises(ConfigError, match="^--checkpoint=latest: goes with --workdir; model.zip "):
+    predict.load_predictor(None, "model.zip", "latest")
+
+
 def test_postprocessing_auto_none_and_largest(tmp_path, capsys):
   inputs = tmp_path / "in"
   inputs.mkdir()
@@ -196,6 +205,14 @@ def test_postprocessing_auto_none_and_largest(tmp_path, capsys):
   alone = perfect_predictor(workdirs=[tmp_path / "other" / "fold0"])
   predict.predict_path(alone, inputs, tmp_path / "alone", "auto", progress=False)
   np.testing.assert_array_equal(read("alone"), labels)
+  assert "postprocessing: none" in capsys.readouterr().out
+  # A model file's recorded decision: no workdirs to look in.
+  recorded = perfect_predictor(decision=([2], "as recorded in model.zip"))
+  predict.predict_path(recorded, inputs, tmp_path / "recorded", "auto", progress=False)
+  np.testing.assert_array_equal(
+    read("recorded"), postprocessing.keep_largest_component(labels, [2])
+  )
+  assert "classes [2], as recorded in model.zip" in capsys.readouterr().out
 
 
 def test_the_next_case_is_preprocessed_in_the_background_and_errors_stay_with_their_case(
@@ -241,42 +258,6 @@ def test_the_next_case_is_preprocessed_in_the_background_and_errors_stay_with_th
     "[1/3] a",
     "[3/3] c",
   ]
-
-
-# --------------------------------------------------------------------------- fold ensembles
-
-
-def _fake_run(folder: Path, config: dict, plan: dict, with_checkpoint=True) -> None:
-  folder.mkdir(parents=True)
-  (folder / "config.json").write_text(json.dumps(config))
-  (folder / "plan.json").write_text(json.dumps(plan))
-  if with_checkpoint:
-    (folder / "checkpoints" / "4").mkdir(parents=True)
-
-
-def test_folds_are_found_in_fold_order_and_must_share_one_plan_and_model(tmp_path):
-  config = {"patch_size": [8, 16, 16], "compute_dtype": "float32", "model": {"filters": [8, 16]}}
-  exp = tmp_path / "exp"
-  for name in ("fold10", "fold2", "fold0"):
-    _fake_run(exp / name, config, make_plan())
-  _fake_run(exp / "fold3", config, make_plan(), with_checkpoint=False)
-  assert predict.find_workdirs(exp) == [exp / "fold0", exp / "fold2", exp / "fold10"]
-  given = f"{exp / 'fold2'},{exp / 'fold0'}"
-  assert predict.find_workdirs(given) == [exp / "fold2", exp / "fold0"]
-
-  other = {**config, "model": {"filters": [8, 32]}}
-  _fake_run(tmp_path / "b" / "fold0", config, make_plan())
-  _fake_run(tmp_path / "b" / "fold1", other, make_plan())
-  with pytest.raises(DataError) as e:
-    predict.Predictor.from_workdirs(tmp_path / "b")
-  assert str(e.value) == (
-    f"{tmp_path / 'b' / 'fold0'} and {tmp_path / 'b' / 'fold1'}: config.json field "
-    "model.filters[1] (16 vs 32) differs; the folds of an ensemble must share one plan and model"
-  )
-  _fake_run(tmp_path / "c" / "fold0", config, make_plan())
-  _fake_run(tmp_path / "c" / "fold1", config, make_plan((2.5, 0.8, 0.8)))
-  with pytest.raises(DataError, match=r"plan.json field target_spacing\[2\] \(0.7 vs 0.8\)"):
-    predict.Predictor.from_workdirs(tmp_path / "c")
 
 
 # ----------------------------------------------------------------------- a trained tiny run
@@ -397,10 +378,11 @@ def test_unknown_workdir_or_checkpoint_is_a_clear_error(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_prediction_imports_neither_training_nor_optax_nor_matplotlib():
+def test_prediction_imports_neither_training_nor_optax_nor_matplotlib_nor_jax():
+  # JAX comes with a JAX model only (`Predictor.from_workdirs`, model.zip), not with the module.
   code = (
     "import sys, vnet_jax.predict\n"
-    "bad = [m for m in sys.modules if m.split('.')[0] in ('optax', 'matplotlib')\n"
+    "bad = [m for m in sys.modules if m.split('.')[0] in ('optax', 'matplotlib', 'jax')\n"
     "       or m in ('vnet_jax.train', 'vnet_jax.report')]\n"
     "print(bad)\n"
   )

@@ -5,9 +5,12 @@ r"""Export trained folds as one file for prediction elsewhere: model.zip (JAX) o
   python -m vnet_jax.export --workdir=runs/flare22 --output=model.zip
   python -m vnet_jax.export --format=onnx --workdir=runs/flare22/fold0 --output=model.onnx
 
---workdir is read as by `python -m vnet_jax.predict`: one fold's workdir, several separated by
-commas, or an experiment directory (each fold*/ in it with a checkpoint). The folds must share
-one plan and model; only each checkpoint's parameters and BatchNorm statistics are read.
+--workdir is read as by `python -m vnet_jax.predict` (`trained_runs.read_folds`): one fold's
+workdir, several separated by commas, or an experiment directory (each fold*/ in it with a
+checkpoint). The folds must share one plan and model; only each checkpoint's parameters and
+BatchNorm statistics are read. The experiment's postprocessing decision (postprocessing.json,
+`python -m vnet_jax.evaluate --cv`), when it has one, is recorded in model.json, so that
+`python -m vnet_jax.predict --model=... --postprocess=auto` applies it as with the workdirs.
 
 --format=zip (the default): the plan, the class names, the inference settings, every fold's
 variables and the network (full-resolution head, inference mode) serialised by `jax.export` for
@@ -17,8 +20,9 @@ included: with `model.conv_impl=auto` the CPU program uses the depth-split convo
 CUDA one native 3D convolutions, as training and `predict` would on each.
 
 --format=onnx: one fold's network with its weights (ONNX opset 23, via jax2onnx): float32 input
-`image` (N, D, H, W, C), float32 output `logits` (N, D, H, W, K), N free; the plan, class names
-and inference settings go to model.json beside it (`exported_model.load_onnx` reads both). Its
+`image` (N, D, H, W, C), float32 output `logits` (N, D, H, W, K), N free; the plan, class
+names, inference settings and postprocessing decision go to model.json beside it
+(`exported_model.load_onnx` reads both). Its
 3D convolutions are written as 2D convolutions over depth slices (the package's depth-split
 form), since jax2onnx 0.17 converts 1D and 2D convolutions only. Needs the onnx extra
 (`pip install 'vnet_jax[onnx]'`).
@@ -27,7 +31,6 @@ A file is written under a temporary name and renamed when complete.
 """
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -37,11 +40,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from absl import app, flags
 from flax import serialization
 
-from vnet_jax import checkpoint, cli, predict
+from vnet_jax import cli, postprocessing
 from vnet_jax import model as model_lib
 from vnet_jax.errors import ConfigError, DataError, one_line
 from vnet_jax.exported_model import (
@@ -56,40 +58,17 @@ from vnet_jax.exported_model import (
   onnx_metadata_path,
   require_onnx_extra,
 )
+from vnet_jax.trained_runs import TrainedFolds, find_workdirs, read_folds
 
 PLATFORMS = ("cpu", "cuda")
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainedFolds:
-  """Folds of one experiment read for export: what prediction needs and the inference model."""
-
-  info: ModelInfo
-  model: model_lib.VNet  # the full-resolution head only, as predict runs it
-  workdirs: list[Path]
-  steps: list[int]
-  fold_variables: list[dict]  # {"params", "batch_stats"} per fold, NumPy arrays
-
-  def provenance(self) -> list[dict]:
-    return [{"workdir": str(w), "step": s} for w, s in zip(self.workdirs, self.steps)]
-
-
-def read_folds(workdirs: str | Path | Sequence[str | Path], which: str = "best") -> TrainedFolds:
-  """The folds `--workdir` names (see `predict.find_workdirs`), checkpoint `which` of each."""
-  dirs = predict.find_workdirs(workdirs)
-  runs = [predict.read_run(w) for w in dirs]
-  predict.check_same_setup(dirs, runs)
-  config, plan = ml_collections.ConfigDict(runs[0][0]), runs[0][1]
-  settings = predict.InferenceSettings.from_config(config)
-  class_names = {int(k): v for k, v in plan["class_names"].items()}
-  info = ModelInfo(plan, class_names, **dataclasses.asdict(settings))
-  model = model_lib.build_model(config, info.num_classes, plan["num_channels"]).clone(
-    deep_supervision=False
-  )
-  x = jax.ShapeDtypeStruct((1, *info.window, model.in_channels), jnp.float32)
-  template = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-  loaded = [checkpoint.load_variables(w, which, template) for w in dirs]
-  return TrainedFolds(info, model, dirs, [s for s, _ in loaded], [v for _, v in loaded])
+def _model_info(folds: TrainedFolds) -> tuple[ModelInfo, Path | None]:
+  """What model.json records of the folds, and the experiment's postprocessing decision file
+  (`postprocessing.find_decision`; None when it has none)."""
+  decision = postprocessing.find_decision(folds.workdirs)
+  classes = None if decision is None else tuple(postprocessing.read_decision(decision))
+  return ModelInfo(folds.plan, folds.class_names, folds.settings, classes), decision
 
 
 def _apply(model: model_lib.VNet) -> Callable:
@@ -143,11 +122,12 @@ def write_model_zip(
 ) -> dict:
   """Writes model.zip (layout: `exported_model`) of the folds; returns its model.json."""
   folds = read_folds(workdirs, which)
-  forward = export_forward(folds.model, folds.info.window, folds.fold_variables[0])
+  info, decision = _model_info(folds)
+  forward = export_forward(folds.model, folds.settings.window, folds.fold_variables[0])
   meta = {
     "format": ZIP_FORMAT,
     "version": FORMAT_VERSION,
-    **folds.info.metadata(),
+    **info.metadata(decision),
     "platforms": list(PLATFORMS),
     "jax_version": jax.__version__,
     "folds": [{**p, "variables": f"fold{i}.msgpack"} for i, p in enumerate(folds.provenance())],
@@ -184,16 +164,17 @@ def write_onnx(workdir: str | Path, output: str | Path, which: str = "best") -> 
   if output.suffix != ".onnx":
     raise ConfigError(f"--output={output}: an ONNX model's name must end in .onnx")
   jax2onnx = require_onnx_extra("jax2onnx")
-  dirs = predict.find_workdirs(workdir)
+  dirs = find_workdirs(workdir)
   if len(dirs) != 1:
     names = ", ".join(map(str, dirs))
     raise ConfigError(f"--format=onnx exports one fold; --workdir gives {len(dirs)}: {names}")
   folds = read_folds(dirs, which)
+  info, decision = _model_info(folds)
   # Forward only: XLA's own kernel gradient keeps the traced program free of custom VJPs.
   model = folds.model.clone(conv_impl="depth_split", slicewise_kernel_grad=False)
   proto = jax2onnx.to_onnx(
     _onnx_forward(model, folds.fold_variables[0]),
-    inputs=[("N", *folds.info.window, model.in_channels)],
+    inputs=[("N", *folds.settings.window, model.in_channels)],
     input_names=[ONNX_INPUT],
     output_names=[ONNX_OUTPUT],
     model_name="vnet",
@@ -203,7 +184,7 @@ def write_onnx(workdir: str | Path, output: str | Path, which: str = "best") -> 
   meta = {
     "format": ONNX_FORMAT,
     "version": FORMAT_VERSION,
-    **folds.info.metadata(),
+    **info.metadata(decision),
     "onnx": output.name,
     "input": ONNX_INPUT,
     "output": ONNX_OUTPUT,

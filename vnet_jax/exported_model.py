@@ -6,11 +6,15 @@ r"""Loading a model exported by `python -m vnet_jax.export`: model.zip (JAX) or 
   onnx_model = load_onnx("model.onnx")  # reads model.json beside it too
   logits = onnx_model(windows)
 
+  python -m vnet_jax.predict --model=model.zip --input=scans/ --output=pred/  # or model.onnx
+
 model.zip holds:
 - `model.json`: `format` ("vnet_jax.model_zip") and `version`, the training run's `plan`
   (plan.json: how to preprocess a scan), `class_names`, the inference settings (`window` =
-  the training patch size, `overlap`, `tta`, `windows_per_device`), the `platforms` the
-  network was lowered for, and per fold the workdir, checkpoint step and variables file;
+  the training patch size, `overlap`, `tta`, `windows_per_device`), `postprocessing` (the
+  experiment's decision, `{"classes": [ids whose largest component is kept], "decision":
+  path of its postprocessing.json}`, or null when it had none), the `platforms` the network
+  was lowered for, and per fold the workdir, checkpoint step and variables file;
 - `forward.jaxexport`: the network, `forward(variables, x) -> logits`, serialised with
   `jax.export` (StableHLO) for CPU and CUDA, any number N of windows per call; x is float32
   (N, D, H, W, C) with (D, H, W) = window, logits float32 (N, D, H, W, K), before softmax;
@@ -20,8 +24,10 @@ the one that wrote it) but not this package's model code: `apply_fn` is the dese
 `jax.export.Exported.call`, usable under `jax.jit`, `jax.pmap` and `jax.lax.scan`.
 
 model.onnx takes float32 `image` (N, D, H, W, C) and gives float32 `logits` (N, D, H, W, K);
-`model.json` beside it has `format` "vnet_jax.onnx" and the same plan, class names and
-inference settings. The onnx extra (`pip install 'vnet_jax[onnx]'`) provides onnxruntime.
+`model.json` beside it has `format` "vnet_jax.onnx" and the same plan, class names, inference
+settings and postprocessing. The onnx extra (`pip install 'vnet_jax[onnx]'`) provides
+onnxruntime; `OnnxModel.probabilities` is a `sliding_window.RunGroup` in NumPy, so predicting
+with it imports no JAX (nor does this module, until `load_model_zip` is called).
 """
 
 import dataclasses
@@ -34,11 +40,12 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import jax
 import numpy as np
-from flax import serialization
+from scipy import special
 
 from vnet_jax.errors import ConfigError, DataError, one_line
+from vnet_jax.sliding_window import MIRROR_AXES
+from vnet_jax.trained_runs import InferenceSettings
 
 ZIP_FORMAT = "vnet_jax.model_zip"
 ONNX_FORMAT = "vnet_jax.onnx"
@@ -71,30 +78,41 @@ def require_onnx_extra(module: str) -> ModuleType:
 
 @dataclasses.dataclass(frozen=True)
 class ModelInfo:
-  """What prediction needs besides the network: how to preprocess, the classes, the window."""
+  """What prediction needs besides the network: how to preprocess, the classes, the window, and
+  the experiment's postprocessing decision."""
 
   plan: dict
   class_names: dict[int, str]  # background 0 included
-  window: tuple[int, int, int]  # (D, H, W) of each window the network takes
-  overlap: float
-  tta: bool
-  windows_per_device: int
+  settings: InferenceSettings
+  # The classes whose largest component `--postprocess=auto` keeps; None: no decision known.
+  postprocess_classes: tuple[int, ...] | None
 
   @classmethod
   def from_metadata(cls, meta: dict) -> "ModelInfo":
+    decision = meta.get("postprocessing")  # absent from files exported before it was recorded
     return cls(
       plan=meta["plan"],
       class_names={int(k): str(v) for k, v in meta["class_names"].items()},
-      window=tuple(int(s) for s in meta["window"]),
-      overlap=float(meta["overlap"]),
-      tta=bool(meta["tta"]),
-      windows_per_device=int(meta["windows_per_device"]),
+      settings=InferenceSettings(
+        window=tuple(int(s) for s in meta["window"]),
+        overlap=float(meta["overlap"]),
+        tta=bool(meta["tta"]),
+        windows_per_device=int(meta["windows_per_device"]),
+      ),
+      postprocess_classes=None if decision is None else tuple(map(int, decision["classes"])),
     )
 
-  def metadata(self) -> dict:
-    """The JSON form `from_metadata` reads."""
-    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(ModelInfo)}
-    return {**fields, "class_names": {str(k): v for k, v in self.class_names.items()}}
+  def metadata(self, decision_file: str | Path | None) -> dict:
+    """The JSON form `from_metadata` reads; `decision_file`: where the decision was made."""
+    decision = None
+    if self.postprocess_classes is not None:
+      decision = {"classes": list(self.postprocess_classes), "decision": str(decision_file)}
+    return {
+      "plan": self.plan,
+      "class_names": {str(k): v for k, v in self.class_names.items()},
+      **dataclasses.asdict(self.settings),
+      "postprocessing": decision,
+    }
 
   @property
   def num_classes(self) -> int:
@@ -129,6 +147,10 @@ class ExportedModel(ModelInfo):
 
 def load_model_zip(path: str | Path) -> ExportedModel:
   """Reads a model.zip written by `python -m vnet_jax.export`; DataError if it is not one."""
+  # Here, not at the top: the ONNX path, which imports this module too, runs without JAX.
+  import jax
+  from flax import serialization
+
   path = Path(path)
   if not path.is_file():
     raise DataError(f"{path}: missing (not a file)")
@@ -169,6 +191,16 @@ class OnnxModel(ModelInfo):
   def __call__(self, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
+
+  def probabilities(self, windows: np.ndarray, tta: bool = False) -> np.ndarray:
+    """A `sliding_window.RunGroup`: the windows' softmax probabilities (float32), with `tta`
+    averaged over the 8 mirrorings of the spatial axes (one after another: memory stays at
+    one group's)."""
+    mirrorings = MIRROR_AXES if tta else ((),)
+    total = sum(
+      np.flip(special.softmax(self(np.flip(windows, axes)), axis=-1), axes) for axes in mirrorings
+    )
+    return total / len(mirrorings)
 
 
 def onnx_metadata_path(path: str | Path) -> Path:

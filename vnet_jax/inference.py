@@ -15,7 +15,6 @@ the model compiles once. The mirrorings run one after another for the same reaso
 benchmarks): a `WindowRunner` for one set of weights inside a `sliding_window.SlidingWindow`.
 """
 
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,14 +24,9 @@ import numpy as np
 from flax import jax_utils
 
 from vnet_jax import runtime
-from vnet_jax.sliding_window import SlidingWindow
+from vnet_jax.sliding_window import MIRROR_AXES, SlidingWindow
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
-
-# All 8 subsets of the spatial axes of a (N, D, H, W, C) batch: the mirror TTA flips.
-MIRROR_AXES: tuple[tuple[int, ...], ...] = tuple(
-  axes for r in range(4) for axes in itertools.combinations((1, 2, 3), r)
-)
 
 
 def stack_folds(fold_variables: Sequence[Any]) -> Any:

@@ -1,15 +1,20 @@
-r"""Segment new scans with one trained fold or an ensemble of folds, written back in each scan's
-original geometry.
+r"""Segment new scans with one trained fold, an ensemble of folds or an exported model, written
+back in each scan's original geometry.
 
   python -m vnet_jax.predict --workdir=runs/flare22/fold0 --input=PATH --output=DIR \
       [--checkpoint=best|latest|STEP] [--tta | --notta] [--postprocess=auto|none|largest]
   python -m vnet_jax.predict --workdir=runs/flare22 --input=PATH --output=DIR
   python -m vnet_jax.predict --workdir=runs/flare22/fold0,runs/flare22/fold3 --input=PATH ...
+  python -m vnet_jax.predict --model=model.zip --input=PATH --output=DIR  # or model.onnx
 
 --workdir: one fold's workdir, several separated by commas, or an experiment directory (each
 fold*/ in it with a checkpoint, in fold order). The folds must share one plan (PLAN_FIELDS) and
 model (CONFIG_FIELDS); their softmax probabilities are averaged on the working grid inside the
 compiled window function (`inference.WindowRunner`), so memory does not grow with the folds.
+
+--model, instead of --workdir: a file from `python -m vnet_jax.export`, with the plan, settings
+and postprocessing decision. model.zip runs its folds as the workdirs would (the same labels on
+the same machine); model.onnx runs in onnxruntime, softmax and TTA in NumPy, without JAX.
 
 PATH: a NIfTI file, a folder of them (FLARE22 / nnU-Net names: `<case>_XXXX` channels), a DICOM
 series folder or a folder tree of series (`data.dicom` names them). Each case is preprocessed as
@@ -18,8 +23,9 @@ resampling, crop and reorientation), postprocessed, and written as DIR/<case or 
 name>.nii.gz, uint8, in the input's geometry (a series: that of its in-memory NIfTI image).
 
 --postprocess: `auto` keeps the largest connected component of the classes the experiment's
-postprocessing.json lists (`python -m vnet_jax.evaluate --cv` decides), if it has one; `none`
-does nothing; `largest` does it for every foreground class.
+postprocessing.json lists (`python -m vnet_jax.evaluate --cv` decides), if it has one (a model
+file: the decision recorded in it); `none` does nothing; `largest` does it for every foreground
+class.
 
 The next case is read and preprocessed in a background thread while the current one runs on the
 devices. A progress bar on stderr shows cases done, seconds per case and the time left; stdout
@@ -32,61 +38,28 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import functools
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import nibabel as nib
 import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-from vnet_jax import checkpoint, cli, inference, postprocessing, sliding_window, summaries
-from vnet_jax import model as model_lib
+from vnet_jax import cli, exported_model, postprocessing, sliding_window, trained_runs
 from vnet_jax.data import dicom, layouts, preprocess
 from vnet_jax.errors import ConfigError, DataError, one_line
+from vnet_jax.trained_runs import InferenceSettings
 
-# What must agree between the folds of an ensemble: the plan.json fields that define
-# preprocessing and the classes, and the config.json fields that define the network and window.
-PLAN_FIELDS = (
-  "num_channels",
-  "channel_names",
-  "target_spacing",
-  "normalization",
-  "crop_to_nonzero",
-  "ct_body_threshold",
-  "class_names",
-)
-CONFIG_FIELDS = ("patch_size", "model", "compute_dtype")
+if TYPE_CHECKING:
+  from vnet_jax.inference import ApplyFn
+
 POSTPROCESS_MODES = ("auto", "none", "largest")
-
-
-@dataclasses.dataclass(frozen=True)
-class InferenceSettings:
-  """How the sliding window runs: a run's `config.patch_size` and `config.inference`."""
-
-  window: tuple[int, int, int]
-  overlap: float = 0.5
-  tta: bool = False
-  windows_per_device: int = 1
-
-  @classmethod
-  def from_config(cls, config: Any, tta: bool | None = None) -> InferenceSettings:
-    """From a run's config (ConfigDict or dict); `tta` overrides `config.inference.tta`."""
-    inf = config["inference"]
-    return cls(
-      tuple(int(s) for s in config["patch_size"]),
-      float(inf["overlap"]),
-      bool(inf["tta"] if tta is None else tta),
-      int(inf["windows_per_device"]),
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,76 +91,9 @@ def discover_inputs(path: str | Path) -> list[InputCase]:
   return [InputCase(c.case_id, c.image_files) for c in layouts.discover_images(p)]
 
 
-def find_workdirs(workdirs: str | Path | Sequence[str | Path]) -> list[Path]:
-  """--workdir's folds: a workdir, comma-separated workdirs, or experiment directories (their
-  fold*/ with a checkpoint, in fold order)."""
-  if isinstance(workdirs, str):
-    workdirs = [w for w in workdirs.split(",") if w.strip()]
-  elif isinstance(workdirs, Path):
-    workdirs = [workdirs]
-  found = []
-  for w in workdirs:
-    p = Path(str(w).strip()).expanduser()
-    if (p / "config.json").exists() or not any(p.glob("fold*")):
-      found.append(p)  # a fold's workdir (or nothing: reading it says what is missing)
-      continue
-    folds = [f for f in summaries.fold_dirs(p) if _has_checkpoint(f)]
-    if not folds:
-      raise DataError(f"{p}: no fold*/ workdir in it has a checkpoint")
-    found.extend(folds)
-  if not found:
-    raise DataError("--workdir: no workdir given")
-  return found
-
-
-def _has_checkpoint(workdir: Path) -> bool:
-  ckpt = workdir / "checkpoints"
-  return ckpt.is_dir() and any(c.name.isdigit() for c in ckpt.iterdir())
-
-
-def read_run(workdir: Path) -> tuple[dict, dict]:
-  """(config.json, plan.json) of a training run's workdir."""
-  try:
-    return tuple(json.loads((workdir / f).read_text()) for f in ("config.json", "plan.json"))
-  except FileNotFoundError as e:
-    raise DataError(f"{e.filename}: missing; is {workdir} the workdir of a training run?") from None
-  except (OSError, ValueError) as e:
-    raise DataError(f"{workdir}: cannot read config.json / plan.json ({one_line(e)})") from None
-
-
-def _difference(a: Any, b: Any, path: str) -> str | None:
-  """The first field where two JSON values differ, with both values; None when equal."""
-  if isinstance(a, dict) and isinstance(b, dict):
-    for key in sorted(set(a) | set(b), key=str):
-      if found := _difference(a.get(key), b.get(key), f"{path}.{key}"):
-        return found
-    return None
-  if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-    for i, (x, y) in enumerate(zip(a, b)):
-      if found := _difference(x, y, f"{path}[{i}]"):
-        return found
-    return None
-  return None if a == b else f"{path} ({a!r} vs {b!r})"
-
-
-def check_same_setup(workdirs: Sequence[Path], runs: Sequence[tuple[dict, dict]]) -> None:
-  """DataError naming two workdirs and the field when the folds' plans or models differ."""
-  (config0, plan0), first = runs[0], workdirs[0]
-  for w, (config, plan) in zip(workdirs[1:], runs[1:]):
-    for name, a, b, fields in (
-      ("plan.json", plan0, plan, PLAN_FIELDS),
-      ("config.json", config0, config, CONFIG_FIELDS),
-    ):
-      for field in fields:
-        if found := _difference(a.get(field), b.get(field), field):
-          raise DataError(
-            f"{first} and {w}: {name} field {found} differs; the folds of an ensemble must "
-            "share one plan and model"
-          )
-
-
 class Predictor:
-  """A preprocessing plan and a window model (one fold or an ensemble), ready to segment scans.
+  """A preprocessing plan and a window model (one fold, an ensemble or an exported model), ready
+  to segment scans.
 
   Args:
     plan: the plan.json of the run(s): how to preprocess a scan.
@@ -200,6 +106,9 @@ class Predictor:
       and one set of variables per fold, run on all local devices (`inference.WindowRunner`).
     workdirs, steps: the training runs and checkpoint steps the weights come from (where
       --postprocess=auto looks for the decision).
+    decision: instead, --postprocess=auto's classes and why, e.g. `([1, 3], "as recorded in
+      model.zip")`.
+    source: what the model is, for the log (default: the workdirs and steps).
   `stage_seconds` collects, per stage, the seconds of every case predicted so far.
   """
 
@@ -210,10 +119,12 @@ class Predictor:
     settings: InferenceSettings,
     run_group: sliding_window.RunGroup | None = None,
     *,
-    apply_fn: inference.ApplyFn | None = None,
+    apply_fn: ApplyFn | None = None,
     fold_variables: Sequence[Any] | None = None,
     workdirs: Sequence[Path] = (),
     steps: Sequence[int] = (),
+    decision: tuple[Sequence[int], str] | None = None,
+    source: str | None = None,
   ):
     if (run_group is None) == (apply_fn is None or fold_variables is None):
       raise ValueError("give either run_group or apply_fn and fold_variables")
@@ -221,6 +132,8 @@ class Predictor:
     self.class_names = {int(k): v for k, v in class_names.items()}
     num_classes = len(self.class_names)
     if run_group is None:
+      from vnet_jax import inference  # JAX, imported only when a JAX model is given
+
       run_group = inference.WindowRunner(
         apply_fn, fold_variables, num_classes, settings.tta, settings.windows_per_device
       )
@@ -229,6 +142,9 @@ class Predictor:
       run_group, settings.window, num_classes, group_size, settings.overlap
     )
     self.workdirs, self.steps = tuple(Path(w) for w in workdirs), tuple(steps)
+    self.decision = decision
+    runs = ", ".join(f"{w} (step {s})" for w, s in zip(self.workdirs, self.steps))
+    self.source = source or runs or "given window runner"
     self.stage_seconds: dict[str, list[float]] = {}
 
   @classmethod
@@ -238,30 +154,36 @@ class Predictor:
     which: str | int = "best",
     tta: bool | None = None,
   ) -> Predictor:
-    """The ensemble of these training runs' checkpoints `which` (see `find_workdirs`); only
-    parameters and BatchNorm statistics are read. `tta` overrides the runs' config."""
-    dirs = find_workdirs(workdirs)
-    runs = [read_run(w) for w in dirs]
-    check_same_setup(dirs, runs)
-    config, plan = runs[0]
-    config = ml_collections.ConfigDict(config)
-    class_names = {int(k): v for k, v in plan["class_names"].items()}
-    model = model_lib.build_model(config, len(class_names), plan["num_channels"]).clone(
-      deep_supervision=False  # the full-resolution head only
-    )
-    settings = InferenceSettings.from_config(config, tta)
-    x = jax.ShapeDtypeStruct((1, *settings.window, model.in_channels), jnp.float32)
-    template = jax.eval_shape(model.init, jax.random.PRNGKey(0), x)
-    loaded = [checkpoint.load_variables(w, which, template) for w in dirs]
+    """The ensemble of these training runs' checkpoints `which` (`trained_runs.read_folds`).
+    `tta` overrides the runs' config."""
+    folds = trained_runs.read_folds(workdirs, which, tta)
+    model = folds.model
     return cls(
-      plan,
-      class_names,
-      settings,
+      folds.plan,
+      folds.class_names,
+      folds.settings,
       apply_fn=lambda v, x: model.apply(v, x, train=False),
-      fold_variables=[v for _, v in loaded],
-      workdirs=dirs,
-      steps=[s for s, _ in loaded],
+      fold_variables=folds.fold_variables,
+      workdirs=folds.workdirs,
+      steps=folds.steps,
     )
+
+  @classmethod
+  def from_model(cls, path: str | Path, tta: bool | None = None) -> Predictor:
+    """A file `python -m vnet_jax.export` wrote: model.onnx (its fold in onnxruntime, no JAX)
+    or else model.zip (every fold, in JAX). `tta` overrides the settings recorded in it."""
+    path = Path(path)
+    onnx = path.suffix == ".onnx"
+    model = exported_model.load_onnx(path) if onnx else exported_model.load_model_zip(path)
+    settings = model.settings if tta is None else dataclasses.replace(model.settings, tta=tta)
+    classes = model.postprocess_classes
+    decision = None if classes is None else (list(classes), f"as recorded in {path}")
+    if onnx:
+      runner = {"run_group": functools.partial(model.probabilities, tta=settings.tta)}
+    else:
+      runner = {"apply_fn": model.apply_fn, "fold_variables": model.fold_variables}
+    plan, names = model.plan, model.class_names
+    return cls(plan, names, settings, **runner, decision=decision, source=str(path))
 
   def _timed(self, times: dict[str, float], stage: str, t0: float) -> float:
     """Records the seconds since t0 as the case's and in `stage_seconds`; returns the time."""
@@ -313,10 +235,23 @@ class Predictor:
       ) from None
     self._timed(prepared.times, "write", t0)
 
-  def describe(self) -> str:
-    if not self.workdirs:
-      return "given window runner"
-    return ", ".join(f"{w} (step {s})" for w, s in zip(self.workdirs, self.steps))
+
+def load_predictor(
+  workdir: str | None, model: str | None, which: str | None = None, tta: bool | None = None
+) -> Predictor:
+  """The Predictor of --workdir (training runs, checkpoint `which`, default best) or --model (a
+  file from `python -m vnet_jax.export`): exactly one of the two."""
+  if (workdir is None) == (model is None):
+    given = "both" if workdir else "neither"
+    raise ConfigError(
+      f"--workdir / --model: {given} given; give the training runs (--workdir) or an exported "
+      "model.zip or model.onnx (--model)"
+    )
+  if model is None:
+    return Predictor.from_workdirs(workdir, which or "best", tta)
+  if which is not None:
+    raise ConfigError(f"--checkpoint={which}: goes with --workdir; {model} holds its checkpoints")
+  return Predictor.from_model(model, tta)
 
 
 def postprocess_classes(predictor: Predictor, mode: str) -> list[int]:
@@ -329,12 +264,15 @@ def postprocess_classes(predictor: Predictor, mode: str) -> list[int]:
     classes = sorted(c for c in predictor.class_names if c)
     print(f"postprocessing: largest component of every class {classes}", flush=True)
     return classes
-  path = postprocessing.find_decision(predictor.workdirs) if predictor.workdirs else None
-  if path is None:
-    print("postprocessing: none (no postprocessing.json with the workdirs)", flush=True)
+  decision = predictor.decision
+  if decision is None and predictor.workdirs:
+    path = postprocessing.find_decision(predictor.workdirs)
+    decision = path and (postprocessing.read_decision(path), f"as {path} decided")
+  if decision is None:
+    print("postprocessing: none (the model comes with no postprocessing decision)", flush=True)
     return []
-  classes = postprocessing.read_decision(path)
-  print(f"postprocessing: largest component of classes {classes}, as {path} decided", flush=True)
+  classes, why = list(decision[0]), decision[1]
+  print(f"postprocessing: largest component of classes {classes}, {why}", flush=True)
   return classes
 
 
@@ -354,7 +292,7 @@ def predict_path(
     output_dir.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise DataError(f"{output_dir}: cannot create the output folder ({e.strerror})") from None
-  print(f"{len(cases)} case(s); model: {predictor.describe()}", flush=True)
+  print(f"{len(cases)} case(s); model: {predictor.source}", flush=True)
   errors = []
   bar = tqdm(total=len(cases), unit="case", file=sys.stderr, disable=not progress)
   # One case ahead: the next case is read and preprocessed while this one runs on the devices.
@@ -388,10 +326,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  predictor = Predictor.from_workdirs(f.workdir, f.checkpoint, f.tta)
+  predictor = load_predictor(f.workdir, f.model, f.checkpoint, f.tta)
   errors = predict_path(predictor, f.input, f.output, f.postprocess)
   if errors:
     sys.exit(f"{len(errors)} case(s) failed")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  rest = app.parse_flags_with_usage(argv)
+  if (flags.FLAGS.model or "").endswith(".onnx") and not flags.FLAGS["huge_pages"].present:
+    # Huge pages serve XLA, and restarting on them imports JAX, which onnxruntime does without.
+    flags.FLAGS.huge_pages = False
+  return rest
 
 
 if __name__ == "__main__":
@@ -399,8 +345,13 @@ if __name__ == "__main__":
     "workdir",
     None,
     "A training run's workdir, several separated by commas, or an experiment directory (its "
-    "fold*/ with a checkpoint): their probabilities are averaged.",
-    required=True,
+    "fold*/ with a checkpoint): their probabilities are averaged. Or --model.",
+  )
+  flags.DEFINE_string(
+    "model",
+    None,
+    "Instead of --workdir: a model.zip (JAX) or model.onnx (onnxruntime, no JAX) written by "
+    "python -m vnet_jax.export.",
   )
   flags.DEFINE_string(
     "input",
@@ -410,19 +361,22 @@ if __name__ == "__main__":
   )
   flags.DEFINE_string("output", None, "Output folder for <case>.nii.gz.", required=True)
   flags.DEFINE_string(
-    "checkpoint", "best", "best (validation mean Dice), latest, or a step number."
+    "checkpoint",
+    None,
+    "With --workdir: best (validation mean Dice; the default), latest, or a step number.",
   )
   flags.DEFINE_bool(
     "tta",
     None,
     "Mirror test-time augmentation over the three axes (8x slower): --tta or --notta; "
-    "default: the run's config.inference.tta.",
+    "default: the run's config.inference.tta (or the model file's).",
   )
   flags.DEFINE_enum(
     "postprocess",
     "auto",
     POSTPROCESS_MODES,
     "Keep only the largest connected component: auto (the classes the experiment's "
-    "postprocessing.json lists, if any), none, or largest (every foreground class).",
+    "postprocessing.json lists, if any, or those the model file records), none, or largest "
+    "(every foreground class).",
   )
-  cli.run(main)
+  cli.run(main, flags_parser=_parse_flags)

@@ -32,6 +32,11 @@ from numpy.typing import ArrayLike
 
 RunGroup = Callable[[np.ndarray], ArrayLike]
 
+# All 8 subsets of the spatial axes of a (N, D, H, W, C) batch: the mirror TTA flips.
+MIRROR_AXES: tuple[tuple[int, ...], ...] = tuple(
+  axes for r in range(4) for axes in itertools.combinations((1, 2, 3), r)
+)
+
 
 def gaussian_importance_map(
   window: Sequence[int], sigma_scale: float = 1 / 8, floor: float = 1e-4
