@@ -1,26 +1,46 @@
-"""Atomic file writes: a reader (or a later run) sees the old file or the complete new one."""
+"""Atomic file writes: a reader (or a later run) sees the old file or the complete new one.
 
+A write that fails (full disk, no permission, read-only filesystem) raises a one-line
+`WriteError` naming the file and the reason, and leaves the old file as it was.
+"""
+
+import contextlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from vnet_jax.errors import WriteError, one_line
+
+
+@contextlib.contextmanager
+def reporting_write_errors(path: str | Path) -> Iterator[None]:
+  """Turns an OSError raised inside into a WriteError naming `path` and the reason."""
+  try:
+    yield
+  except WriteError:
+    raise
+  except OSError as e:
+    raise WriteError(f"{path}: cannot write ({e.strerror or one_line(e)})") from e
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
   """Writes to a temporary file in the same folder, syncs it, then renames it over `path`."""
   path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+  with reporting_write_errors(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    except BaseException:
+      Path(tmp).unlink(missing_ok=True)
+      raise
 
 
 def write_json_atomic(path: str | Path, obj: Any, indent: int = 2) -> None:

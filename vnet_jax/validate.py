@@ -6,18 +6,31 @@ sends the current weights to the devices. With several hosts, each host predicts
 of the validation cases on its own devices (no cross-host collectives in the forward pass), and
 the per-case scores are gathered on every host, so all of them agree on the summary (and on the
 best checkpoint).
+
+Each host also writes its own cases' predictions into the run's `eval/predictions/`:
+`<case>.nii.gz`, the labels in the case's original geometry (the image file's voxel grid and
+header), from which `python -m vnet_jax.evaluate --cv` decides the postprocessing, and
+`<case>.npz` ("labels" on the working grid), which the report draws over the cached image.
+Both come from the same probabilities (float16, one case at a time, as in predict); the NIfTI
+maps them back class by class as predict does, so postprocessing is decided on the labels that
+predict would give. Mapping the working-grid labels back by nearest neighbour would be cheaper,
+but its organ borders differ from predict's.
 """
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import jax
 import ml_collections
+import nibabel as nib
 import numpy as np
 from jax.experimental import multihost_utils
 
 from vnet_jax import inference, scoring
-from vnet_jax.data import layouts
+from vnet_jax.data import layouts, preprocess
+from vnet_jax.files import reporting_write_errors
 from vnet_jax.model import VNet
 
 
@@ -44,6 +57,41 @@ def gather_from_hosts(obj) -> list:
   padded[: data.size] = data
   gathered = np.asarray(multihost_utils.process_allgather(padded))
   return [json.loads(gathered[i, : int(sizes[i, 0])].tobytes()) for i in range(len(gathered))]
+
+
+@contextlib.contextmanager
+def _replacing(path: Path, suffix: str) -> Iterator[Path]:
+  """Yields a hidden temporary name next to `path` (ending in `suffix`, which writers need),
+  renamed over `path` once written: a reader never sees half a file, nor the temporary one as
+  a case (hidden files are skipped)."""
+  tmp = path.with_name(f".{path.name[: -len(suffix)]}.tmp{suffix}")
+  with reporting_write_errors(path):
+    try:
+      yield tmp
+      tmp.replace(path)
+    except BaseException:
+      tmp.unlink(missing_ok=True)
+      raise
+
+
+def _image_header(meta: dict) -> nib.Nifti1Header | None:
+  """The header of the case's first image file; None when it cannot be read there.
+
+  The cache can outlive the dataset's location (its hash does not cover the root), and the
+  meta's affine alone still gives the original geometry.
+  """
+  try:
+    return nib.load(meta["image_files"][0]).header
+  except (OSError, nib.filebasedimages.ImageFileError):
+    return None
+
+
+def write_original_geometry(path: Path, probs: np.ndarray, meta: dict) -> None:
+  """Working-grid class probabilities (D, H, W, C) -> uint8 labels on the case's original voxel
+  grid, written to `path` (.nii.gz) with the image file's header and affine, atomically."""
+  labels = preprocess.probabilities_to_original(probs, meta)
+  with _replacing(path, ".nii.gz") as tmp:
+    preprocess.write_labels_nifti(tmp, labels, meta, _image_header(meta))
 
 
 class Validator:
@@ -78,18 +126,27 @@ class Validator:
   def __call__(self, variables: dict, predictions_dir: Path | None = None) -> dict:
     """The FLARE22 summary of every validation case (all hosts' shares) under `variables`.
 
-    With predictions_dir, each of this host's cases' predicted labels is kept as <case>.npz
-    (for the report).
+    With predictions_dir, each of this host's cases is written there as <case>.nii.gz (original
+    geometry) and <case>.npz (working grid), see the module docstring.
     """
     self.predictor.set_variables(variables)
     spacing = self.cache.plan["target_spacing"]
     scores = {}
     for case_id in self.case_ids:
       image, label = self.cache.load_case(case_id)
-      pred = self.predictor.predict_labels(np.asarray(image, np.float32))
-      if predictions_dir is not None:
+      image = np.asarray(image, np.float32)
+      if predictions_dir is None:
+        pred = self.predictor.predict_labels(image)
+      else:
+        probs = self.predictor.predict_probabilities(image)  # float16, as predict maps back
+        pred = np.argmax(probs, axis=-1).astype(np.uint8)
         predictions_dir.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(predictions_dir / f"{case_id}.npz", labels=pred)
+        write_original_geometry(
+          predictions_dir / f"{case_id}.nii.gz", probs, self.cache.load_meta(case_id)
+        )
+        del probs
+        with _replacing(predictions_dir / f"{case_id}.npz", ".npz") as tmp:
+          np.savez_compressed(tmp, labels=pred)
       # Arrays are (z, y, x): the axial axis for the slice-scored vessels is axis 0.
       by_id = scoring.evaluate_case(
         pred, np.asarray(label), spacing, list(self.tolerances), self.tolerances, slice_axis=0
