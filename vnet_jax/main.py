@@ -4,9 +4,14 @@ r"""Train or evaluate a VNet on one fold: `python -m vnet_jax.main --experiment=
 demo) or is the path of your own config file (a module with `get_config()`). Any config field can
 be overridden: `--config.num_steps=200 --config.model.filters=8,16,32,64,64`. Flags may come from
 a --flagfile. Re-running the same command resumes from the latest checkpoint in the workdir.
+
+SIGTERM or Ctrl-C (SIGINT) stops training after the current step with a checkpoint and exits
+with status 143 or 130 (128 + the signal number) and a line giving the command that resumes;
+a second signal exits at once (vnet_jax/preemption.py).
 """
 
 import os
+import shlex
 import sys
 from importlib import resources
 from pathlib import Path
@@ -107,7 +112,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   _maybe_initialize_distributed()
-  from vnet_jax import train
+  from vnet_jax import preemption, train
 
   config = FLAGS.config
   if FLAGS.data_dir:
@@ -115,7 +120,11 @@ def main(argv):
   fold = FLAGS.fold if FLAGS.fold == "all" else int(FLAGS.fold)
   name = Path(FLAGS.experiment).stem
   workdir = Path(FLAGS.workdir or f"runs/{name}/fold{fold}")
-  train.train_and_evaluate(config, workdir, fold=fold, mode=FLAGS.mode)
+  try:
+    train.train_and_evaluate(config, workdir, fold=fold, mode=FLAGS.mode)
+  except preemption.Stopped as e:  # the exit status tells schedulers the run is unfinished
+    print(f"{e}; resume with: {shlex.join(sys.orig_argv)}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ nesting, TensorBoard joins the keys with "/".
 """
 
 import abc
+import contextlib
 import json
+import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +21,7 @@ import jax
 import numpy as np
 
 from vnet_jax.errors import TrainingError
+from vnet_jax.files import reporting_write_errors
 
 
 class MetricWriter(abc.ABC):
@@ -33,15 +36,25 @@ class MetricWriter(abc.ABC):
 
 
 class JsonlWriter(MetricWriter):
-  """Appends one line `{"step": step, **values}` per call."""
+  """Appends one line `{"step": step, **values}` per call; a line that cannot be written whole
+  (full disk) is taken back, and the WriteError names the file."""
 
   def __init__(self, path: str | Path):
     self.path = Path(path)
-    self.path.parent.mkdir(parents=True, exist_ok=True)
+    with reporting_write_errors(self.path):
+      self.path.parent.mkdir(parents=True, exist_ok=True)
 
   def write_scalars(self, step: int, values: Mapping[str, Any]) -> None:
-    with self.path.open("a") as f:
-      f.write(json.dumps({"step": step, **values}) + "\n")
+    line = memoryview((json.dumps({"step": step, **values}) + "\n").encode())
+    with reporting_write_errors(self.path), self.path.open("ab", buffering=0) as f:
+      end = f.seek(0, os.SEEK_END)
+      try:
+        while line:  # unbuffered: a short write is retried, a failed one raises here
+          line = line[f.write(line) :]
+      except OSError:
+        with contextlib.suppress(OSError):
+          f.truncate(end)
+        raise
 
 
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -55,22 +68,34 @@ def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 class TensorBoardWriter(MetricWriter):
-  """TensorBoard event files under `logdir` (one writer per folder: two would share a file)."""
+  """TensorBoard event files under `logdir` (one writer per folder: two would share a file).
+
+  Written in this thread with tensorboardX's `EventsWriter`: its `SummaryWriter` writes from a
+  thread of its own, where a failing write (full disk) would end in a traceback and lost events
+  rather than in a WriteError here.
+  """
 
   def __init__(self, logdir: str | Path):
-    from tensorboardX import SummaryWriter
+    from tensorboardX.event_file_writer import EventsWriter
 
-    self._writer = SummaryWriter(str(logdir))
+    self.logdir = Path(logdir)
+    with reporting_write_errors(self.logdir):
+      self.logdir.mkdir(parents=True, exist_ok=True)
+      self._events = EventsWriter(str(self.logdir / "events"))
 
   def write_scalars(self, step: int, values: Mapping[str, Any]) -> None:
-    for tag, value in _flatten(values).items():
-      self._writer.add_scalar(tag, value, step)
+    from tensorboardX.proto.event_pb2 import Event
+    from tensorboardX.summary import scalar
 
-  def flush(self) -> None:
-    self._writer.flush()
+    now = time.time()
+    with reporting_write_errors(self.logdir):
+      for tag, value in _flatten(values).items():
+        self._events.write_event(Event(wall_time=now, step=step, summary=scalar(tag, value)))
+      self._events.flush()  # written (or failed) now, and visible to TensorBoard
 
   def close(self) -> None:
-    self._writer.close()
+    with reporting_write_errors(self.logdir):
+      self._events.close()
 
 
 class TrainingLog:

@@ -13,7 +13,8 @@ Reads what training writes into W (docs/architecture.md): `metrics.jsonl`, `eval
   so the page stays small and the folder can be copied as a whole.
 Everything is regenerated on each call. Missing optional inputs (metrics, history, plan,
 predictions, the cache) are skipped with a note on the page; a missing workdir or an unreadable
-summary is a DataError. The figures are `plots`'s (display convention and colours there).
+summary is a DataError; a file that cannot be written (full disk) is a one-line WriteError. The
+figures are `plots`'s (display convention and colours there).
 """
 
 import html
@@ -29,7 +30,7 @@ from absl import flags
 
 from vnet_jax import cli, plots, summaries
 from vnet_jax.errors import DataError, one_line
-from vnet_jax.files import write_text_atomic
+from vnet_jax.files import reporting_write_errors, write_text_atomic
 
 PLOTS_DIR = "plots"
 CURVES_PNG = "training_curves.png"
@@ -336,19 +337,23 @@ def make_report(workdir: str | Path) -> Path:
   class_ids = _class_ids(names, plan)
 
   plots_dir = workdir / PLOTS_DIR
-  plots_dir.mkdir(exist_ok=True)
-  # Everything is regenerated: drop our old PNGs so no stale overlay outlives its prediction.
-  for old in [plots_dir / CURVES_PNG, plots_dir / DICE_PNG, *plots_dir.glob("overlay_*.png")]:
-    old.unlink(missing_ok=True)
   curves = bool(metrics or history)
-  if curves:
-    plots.plot_training_curves(metrics, history, plots_dir / CURVES_PNG, class_ids)
   dice = summary is not None and bool(summary["per_class"])
-  if dice:
-    plots.plot_dice_per_class(summary, plots_dir / DICE_PNG, class_ids)
+  with reporting_write_errors(plots_dir):  # a full disk: one line naming the folder
+    plots_dir.mkdir(exist_ok=True)
+    if curves:
+      plots.plot_training_curves(metrics, history, plots_dir / CURVES_PNG, class_ids)
+    if dice:
+      plots.plot_dice_per_class(summary, plots_dir / DICE_PNG, class_ids)
   overlays = _make_overlays(workdir, plots_dir, plan, summary, class_ids, notes)
   out = workdir / REPORT_HTML
   _write_html(out, workdir, summary, class_ids, curves, dice, overlays, notes)
+  # Everything is regenerated; our PNGs not made this time (an overlay whose prediction is gone)
+  # go, once the new report is written: a failed write leaves the previous report whole.
+  made = [png for _, png in overlays] + [CURVES_PNG] * curves + [DICE_PNG] * dice
+  for old in [plots_dir / CURVES_PNG, plots_dir / DICE_PNG, *plots_dir.glob("overlay_*.png")]:
+    if old.name not in made:
+      old.unlink(missing_ok=True)
   return out
 
 

@@ -1,7 +1,6 @@
 """Training: state, the pmap'd train step, validation and the loop with exact resume."""
 
 import functools
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,12 @@ from vnet_jax import (
   losses,
   metric_writers,
   metrics,
+  preemption,
+  resume_check,
   runtime,
   summaries,
   validate,
+  workdir_lock,
 )
 from vnet_jax import model as model_lib
 from vnet_jax.data import folds, layouts, pipeline
@@ -298,19 +300,24 @@ def train_and_evaluate(
 ) -> dict:
   """Trains on the other folds and validates on `fold` (or evaluates only, with mode='eval').
 
-  Re-running the same command resumes from the latest checkpoint in WORKDIR/checkpoints.
+  Re-running the same command resumes from the latest intact checkpoint in WORKDIR/checkpoints.
+  Faults: `workdir_lock`, `resume_check`, `preemption` (raises `preemption.Stopped`).
   Returns the last validation summary.
   """
   workdir = Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  (workdir / "eval").mkdir(exist_ok=True)
-  if jax.process_index() == 0:
-    write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  with (
+    workdir_lock.WorkdirLock(workdir) as lock,
+    checkpoint.make_manager(workdir, config.keep_checkpoints) as manager,
+  ):
+    resume_check.write_config(config, workdir, resuming=bool(manager.all_steps()))
+    return _train_and_evaluate(config, workdir, fold, mode, manager, lock)
 
+
+def _train_and_evaluate(config, workdir, fold, mode, manager, lock) -> dict:
   cache, train_ids, val_ids = prepare_data(config, workdir, fold)
   names = class_names(config, cache)
   num_classes = len(names)
-  if jax.process_index() == 0:  # all that predict needs to preprocess new scans like these
+  if jax.process_index() == 0:  # plan.json: all predict needs to preprocess scans like these
     write_json_atomic(
       workdir / "plan.json",
       {
@@ -319,7 +326,6 @@ def train_and_evaluate(
         "class_names": {str(k): v for k, v in names.items()},
       },
     )
-  if jax.process_index() == 0:
     print(
       f"{workdir}: fold {fold}, {len(train_ids)} training and {len(val_ids)} validation cases, "
       f"{num_classes} classes, {jax.device_count()} device(s), cache {cache.dir}",
@@ -327,7 +333,6 @@ def train_and_evaluate(
     )
   model = model_lib.build_model(config, num_classes, cache.num_channels, bn_axis_name=AXIS)
   state = create_train_state(config, model)
-  manager = checkpoint.make_manager(workdir, config.keep_checkpoints)
 
   validator = None
 
@@ -341,8 +346,7 @@ def train_and_evaluate(
     return summary
 
   if mode == "eval":
-    step = checkpoint.resolve_step(manager, "best")
-    state = checkpoint.restore(manager, step, state)
+    step, state = checkpoint.restore_intact(manager, "best", state)
     summary = run_validation({"params": state.params, "batch_stats": state.batch_stats}, step)
     print(summaries.format_table(summary))
     return summary
@@ -350,26 +354,23 @@ def train_and_evaluate(
     raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}")
 
   train_iter = make_train_iterator(config, cache, train_ids)
-  start_step = manager.latest_step() or 0
-  if start_step:
-    state = checkpoint.restore(manager, start_step, state, train_iter)
-    print(f"resumed from {manager.directory} at step {start_step}", flush=True)
-  p_state = jax_utils.replicate(state)
-  del state
-  p_train_step = make_p_train_step(config, num_classes, cache.plan["target_spacing"])
-  log = metric_writers.TrainingLog(
-    workdir, learning_rate_schedule(config), config.num_steps, start_step
-  )
-
-  summary = None
+  summary, log, stopped, stop = None, None, None, preemption.StopRequest(lock.release)
   try:
+    start_step, state = checkpoint.resume(manager, state, train_iter)
+    p_state = jax_utils.replicate(state)
+    del state
+    p_train_step = make_p_train_step(config, num_classes, cache.plan["target_spacing"])
+    log = metric_writers.TrainingLog(
+      workdir, learning_rate_schedule(config), config.num_steps, start_step
+    )
     for step in range(start_step + 1, config.num_steps + 1):
       batch = next(train_iter)
       p_state, step_metrics = p_train_step(p_state, batch)
       log.add(step, step_metrics)
       is_last = step == config.num_steps
+      stopped = step if stop.agreed() and not is_last else None
       do_eval = step % config.eval_every == 0 or is_last
-      do_save = step % config.checkpoint_every == 0 or is_last or do_eval
+      do_save = step % config.checkpoint_every == 0 or is_last or do_eval or stopped
       if step % config.log_every == 0 or do_save:
         log.flush(log=step % config.log_every == 0 or is_last)
       if do_eval:
@@ -384,11 +385,16 @@ def train_and_evaluate(
           train_iter,
           summary["mean_dice"] if do_eval else None,
         )
+      if stopped:
+        break
   finally:
+    stop.close()
     manager.wait_until_finished()
-    log.close()
-    if hasattr(train_iter, "close"):
-      train_iter.close()
+    if log:
+      log.close()
+    train_iter.close()
+  if stopped:
+    raise preemption.Stopped(stop.signum, stopped, manager.directory / str(stopped))
 
   if summary is None:  # nothing left to train: report the latest checkpoint's validation
     summary = run_validation(_variables(p_state), config.num_steps)
