@@ -79,6 +79,7 @@ def test_warp_against_numpy_outside_is_minus_one_and_zero():
     np.testing.assert_allclose(out_image[..., c][~outside], want[~outside], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_augmented_labels_stay_in_the_label_set():
   image, label = patch()
   cfg = dataclasses.replace(ALL_ON, elastic_alpha=1.5)

@@ -208,6 +208,7 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_partial_one(
   assert [p.name for p in tmp_path.iterdir()] == ["model.zip"]
 
 
+@pytest.mark.slow
 def test_onnx_model_matches_the_jax_network(folds, onnx_model):
   workdir, variables = folds[1][0]
   loaded = load_onnx(onnx_model)
@@ -236,6 +237,7 @@ def _softmax64(logits: np.ndarray) -> np.ndarray:
   return e / e.sum(-1, keepdims=True)
 
 
+@pytest.mark.slow
 def test_onnx_window_probabilities_are_softmax_averaged_over_the_8_mirrorings(onnx_model):
   loaded = load_onnx(onnx_model)
   x = _windows(2, seed=5)
@@ -306,6 +308,7 @@ def _predict(predictor: predict.Predictor, scan: Path, out: Path, postprocess: s
   return nib.load(out / "case.nii.gz")
 
 
+@pytest.mark.slow
 def test_model_zip_predicts_the_workdirs_labels_with_their_postprocessing(
   folds, model_zip, scan, tmp_path, capsys
 ):

@@ -94,6 +94,7 @@ def test_deep_supervision_weights_and_label_sampling():
   np.testing.assert_array_equal(quarter, labels[:, 2::4, 2::4, 2::4])
 
 
+@pytest.mark.slow
 def test_deep_supervision_heads_are_training_only():
   x = jnp.asarray(np.random.default_rng(2).normal(size=(1, 8, 8, 8, 1)), jnp.float32)
   ds = model_lib.VNet(num_classes=3, filters=(2, 2, 2, 2), deep_supervision=True)
