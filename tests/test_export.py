@@ -19,7 +19,7 @@ import pytest
 from tests import nifti_cases
 from tests.conftest import make_tiny_config, run_module, subprocess_env
 from vnet_jax import checkpoint, export, postprocessing, predict, train
-from vnet_jax.errors import ConfigError, DataError
+from vnet_jax.errors import ConfigError, DataError, WriteError
 from vnet_jax.exported_model import ModelInfo, load_model_zip, load_onnx, onnx_metadata_path
 from vnet_jax.files import write_json_atomic
 from vnet_jax.model import build_model
@@ -201,7 +201,7 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_partial_one(
 
   monkeypatch.setattr(export, "export_forward", lambda *args: b"network")  # not what is tested
   monkeypatch.setattr(export.serialization, "msgpack_serialize", disk_full)
-  with pytest.raises(DataError) as e:
+  with pytest.raises(WriteError) as e:
     export.write_model_zip([w for w, _ in folds[1]], output, which="latest")
   assert str(output) in str(e.value) and "No space left" in str(e.value)
   assert output.read_bytes() == b"previous export"

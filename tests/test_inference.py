@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import subprocess_env
+from tests.test_sliding_window import check_outputs
 from vnet_jax import inference, sliding_window
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,15 +93,7 @@ def test_pointwise_model_any_tiling_is_exact():
   apply_fn, variables = make_model(kernel=1)
   vol = random_volume((21, 13, 10))
   pred = inference.SlidingWindowPredictor(apply_fn, variables, WINDOW, 3, windows_per_device=3)
-  out = pred.predict_probabilities(vol, dtype=np.float32)
-  ref = full_forward(apply_fn, variables, vol)
-  np.testing.assert_allclose(out, ref, atol=2e-6)
-  out16 = pred.predict_probabilities(vol)
-  assert out16.dtype == np.float16
-  np.testing.assert_allclose(out16, ref, atol=1e-3)
-  labels = pred.predict_labels(vol)
-  assert labels.dtype == np.uint8 and labels.shape == vol.shape[:3]
-  np.testing.assert_array_equal(labels, ref.argmax(-1))
+  check_outputs(pred, vol, full_forward(apply_fn, variables, vol))
 
 
 def test_small_receptive_field_close_to_full_forward():

@@ -23,7 +23,7 @@ from vnet_jax.data import dicom, layouts, preprocess, synthetic
 from vnet_jax.data.cache import prepare_dataset
 from vnet_jax.data.geometry import ras_zyx
 from vnet_jax.data.plan import PreprocessSettings
-from vnet_jax.errors import CheckpointError, ConfigError, DataError
+from vnet_jax.errors import CheckpointError, ConfigError, DataError, WriteError
 from vnet_jax.model import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -158,9 +158,9 @@ def test_a_write_failure_stops_the_run_with_one_line_and_loses_nothing(tmp_path,
 
   monkeypatch.setattr(preprocess, "write_labels_nifti", full_disk)
   predictor = perfect_predictor()
-  with pytest.raises(DataError) as e:
+  with pytest.raises(WriteError) as e:
     predict.predict_path(predictor, inputs, out, "none", progress=False)
-  assert str(e.value) == f"{earlier}: cannot write the prediction (No space left on device)"
+  assert str(e.value) == f"{earlier}: cannot write (No space left on device)"
   assert [p.name for p in out.iterdir()] == ["a.nii.gz"]  # no partial or temporary file
   assert earlier.read_bytes() == b"an earlier prediction"
   assert len(predictor.stage_seconds["sliding_window"]) == 1  # b was never predicted

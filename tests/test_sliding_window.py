@@ -137,7 +137,11 @@ def test_window_starts_nnunet_values_and_order():
 def test_pointwise_model_any_tiling_is_exact():
   vol = random_volume((21, 13, 10))
   window = sw.SlidingWindow(runner(pointwise64, WEIGHTS), WINDOW, CLASSES, group_size=3)
-  ref = pointwise64(vol, WEIGHTS)
+  check_outputs(window, vol, pointwise64(vol, WEIGHTS))
+
+
+def check_outputs(window, vol, ref) -> None:
+  """float32 and float16 probabilities and uint8 labels of a sliding window against `ref`."""
   np.testing.assert_allclose(window.predict_probabilities(vol, np.float32), ref, atol=2e-6)
   out16 = window.predict_probabilities(vol)
   assert out16.dtype == np.float16

@@ -30,12 +30,10 @@ form), since jax2onnx 0.17 converts 1D and 2D convolutions only. Needs the onnx 
 A file is written under a temporary name and renamed when complete.
 """
 
-import contextlib
 import json
 import logging
-import os
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -43,9 +41,9 @@ import jax.numpy as jnp
 from absl import app, flags
 from flax import serialization
 
-from vnet_jax import cli, postprocessing
+from vnet_jax import cli, files, postprocessing
 from vnet_jax import model as model_lib
-from vnet_jax.errors import ConfigError, DataError, one_line
+from vnet_jax.errors import ConfigError
 from vnet_jax.exported_model import (
   FORMAT_VERSION,
   FORWARD,
@@ -99,24 +97,6 @@ def export_forward(model: model_lib.VNet, window: Sequence[int], variables: dict
   return bytes(exported.serialize())
 
 
-@contextlib.contextmanager
-def _atomic_output(path: Path) -> Iterator[Path]:
-  """A temporary path beside `path`, synced and renamed over it once written, so a reader never
-  sees half a model; one-line error if it cannot be written."""
-  # Created by a plain open (not mkstemp's owner-only mode): the file is meant to be shared.
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  try:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    yield tmp
-    with open(tmp, "rb+") as f:
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except OSError as e:
-    raise DataError(f"{path}: cannot write ({one_line(e)})") from None
-  finally:
-    tmp.unlink(missing_ok=True)
-
-
 def write_model_zip(
   workdirs: str | Path | Sequence[str | Path], output: str | Path, which: str = "best"
 ) -> dict:
@@ -133,7 +113,7 @@ def write_model_zip(
     "folds": [{**p, "variables": f"fold{i}.msgpack"} for i, p in enumerate(folds.provenance())],
   }
   output = Path(output)
-  with _atomic_output(output) as tmp, zipfile.ZipFile(tmp, "w") as z:
+  with files.replacing(output) as tmp, zipfile.ZipFile(tmp, "w") as z:
     z.writestr(METADATA, json.dumps(meta, indent=2))
     z.writestr(FORWARD, forward)
     for fold, variables in zip(meta["folds"], folds.fold_variables):
@@ -179,7 +159,7 @@ def write_onnx(workdir: str | Path, output: str | Path, which: str = "best") -> 
     output_names=[ONNX_OUTPUT],
     model_name="vnet",
   )
-  with _atomic_output(output) as tmp:
+  with files.replacing(output) as tmp:
     tmp.write_bytes(proto.SerializeToString())
   meta = {
     "format": ONNX_FORMAT,
@@ -190,7 +170,7 @@ def write_onnx(workdir: str | Path, output: str | Path, which: str = "best") -> 
     "output": ONNX_OUTPUT,
     "folds": folds.provenance(),
   }
-  with _atomic_output(onnx_metadata_path(output)) as tmp:
+  with files.replacing(onnx_metadata_path(output)) as tmp:
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
   return meta
 

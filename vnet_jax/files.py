@@ -26,6 +26,28 @@ def reporting_write_errors(path: str | Path) -> Iterator[None]:
     raise WriteError(f"{path}: cannot write ({e.strerror or one_line(e)})") from e
 
 
+@contextlib.contextmanager
+def replacing(path: str | Path, suffix: str = "") -> Iterator[Path]:
+  """Yields a hidden temporary path beside `path`, ending in `suffix` (writers choose the format
+  by it); once the block has written it, it is synced and renamed over `path`. Readers see the
+  old file or the complete new one, never half of one nor the temporary one (hidden files are
+  skipped as cases). On failure the temporary file is removed; an OSError becomes a WriteError
+  naming `path`. Created by a plain open, not mkstemp's owner-only mode: outputs are shared."""
+  path = Path(path)
+  stem = path.name[: len(path.name) - len(suffix)]
+  tmp = path.with_name(f".{stem}.{os.getpid()}.tmp{suffix}")
+  with reporting_write_errors(path):
+    try:
+      path.parent.mkdir(parents=True, exist_ok=True)
+      yield tmp
+      with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+      os.replace(tmp, path)
+    finally:
+      with contextlib.suppress(OSError):
+        tmp.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
   """Writes to a temporary file in the same folder, syncs it, then renames it over `path`."""
   path = Path(path)

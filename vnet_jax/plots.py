@@ -15,7 +15,6 @@ organ has the same colour in every plot of every run.
 """
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from matplotlib import patheffects
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from scipy import ndimage
+
+from vnet_jax import files
 
 WINDOW_PERCENTILES = (1.0, 99.0)
 DPI = 100
@@ -42,13 +43,8 @@ def class_color(class_id: int) -> tuple[float, float, float]:
 
 def _save(fig: Figure, path: Path) -> Path:
   # Written beside and renamed, so a browser showing the report never loads half a PNG.
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-  try:
+  with files.replacing(path) as tmp:
     fig.savefig(tmp, format="png", dpi=DPI)
-    os.replace(tmp, path)
-  finally:
-    tmp.unlink(missing_ok=True)
   return path
 
 

@@ -36,7 +36,6 @@ line naming the file and the reason (exit status 1), leaving no partial file und
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import sys
@@ -51,9 +50,9 @@ import numpy as np
 from absl import app, flags
 from tqdm import tqdm
 
-from vnet_jax import cli, exported_model, postprocessing, sliding_window, trained_runs
+from vnet_jax import cli, exported_model, files, postprocessing, sliding_window, trained_runs
 from vnet_jax.data import dicom, layouts, preprocess
-from vnet_jax.errors import ConfigError, DataError, one_line
+from vnet_jax.errors import ConfigError, DataError
 from vnet_jax.trained_runs import InferenceSettings
 
 if TYPE_CHECKING:
@@ -220,19 +219,11 @@ class Predictor:
     return labels
 
   def write(self, prepared: PreparedCase, labels: np.ndarray, path: Path) -> None:
-    """Writes under a temporary name, then renames: `path` is complete or absent; DataError
+    """Writes under a temporary name, then renames: `path` is complete or absent; WriteError
     when the disk or folder refuses it."""
     t0 = time.perf_counter()
-    tmp = path.with_name(f".{path.name[: -len('.nii.gz')]}.tmp.nii.gz")
-    try:
+    with files.replacing(path, ".nii.gz") as tmp:
       preprocess.write_labels_nifti(tmp, labels, prepared.meta, prepared.header)
-      tmp.replace(path)
-    except OSError as e:
-      with contextlib.suppress(OSError):
-        tmp.unlink(missing_ok=True)
-      raise DataError(
-        f"{path}: cannot write the prediction ({e.strerror or one_line(e)})"
-      ) from None
     self._timed(prepared.times, "write", t0)
 
 

@@ -17,9 +17,7 @@ predict would give. Mapping the working-grid labels back by nearest neighbour wo
 but its organ borders differ from predict's.
 """
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import jax
@@ -28,9 +26,8 @@ import nibabel as nib
 import numpy as np
 from jax.experimental import multihost_utils
 
-from vnet_jax import inference, scoring
+from vnet_jax import files, inference, scoring
 from vnet_jax.data import layouts, preprocess
-from vnet_jax.files import reporting_write_errors
 from vnet_jax.model import VNet
 
 
@@ -59,21 +56,6 @@ def gather_from_hosts(obj) -> list:
   return [json.loads(gathered[i, : int(sizes[i, 0])].tobytes()) for i in range(len(gathered))]
 
 
-@contextlib.contextmanager
-def _replacing(path: Path, suffix: str) -> Iterator[Path]:
-  """Yields a hidden temporary name next to `path` (ending in `suffix`, which writers need),
-  renamed over `path` once written: a reader never sees half a file, nor the temporary one as
-  a case (hidden files are skipped)."""
-  tmp = path.with_name(f".{path.name[: -len(suffix)]}.tmp{suffix}")
-  with reporting_write_errors(path):
-    try:
-      yield tmp
-      tmp.replace(path)
-    except BaseException:
-      tmp.unlink(missing_ok=True)
-      raise
-
-
 def _image_header(meta: dict) -> nib.Nifti1Header | None:
   """The header of the case's first image file; None when it cannot be read there.
 
@@ -90,7 +72,7 @@ def write_original_geometry(path: Path, probs: np.ndarray, meta: dict) -> None:
   """Working-grid class probabilities (D, H, W, C) -> uint8 labels on the case's original voxel
   grid, written to `path` (.nii.gz) with the image file's header and affine, atomically."""
   labels = preprocess.probabilities_to_original(probs, meta)
-  with _replacing(path, ".nii.gz") as tmp:
+  with files.replacing(path, ".nii.gz") as tmp:
     preprocess.write_labels_nifti(tmp, labels, meta, _image_header(meta))
 
 
@@ -145,7 +127,7 @@ class Validator:
           predictions_dir / f"{case_id}.nii.gz", probs, self.cache.load_meta(case_id)
         )
         del probs
-        with _replacing(predictions_dir / f"{case_id}.npz", ".npz") as tmp:
+        with files.replacing(predictions_dir / f"{case_id}.npz", ".npz") as tmp:
           np.savez_compressed(tmp, labels=pred)
       # Arrays are (z, y, x): the axial axis for the slice-scored vessels is axis 0.
       by_id = scoring.evaluate_case(
