@@ -260,6 +260,9 @@ def test_changed_model_settings_refuse_to_resume_with_the_difference(resumed):
   )
   assert (work / "config.json").read_text() == config
   assert not (work / LOCK_FILE).exists()
+  with pytest.raises(ConfigError, match='fold: "0" -> "1"'):  # another fold: other training data
+    train.train_and_evaluate(other, work, fold=1)
+  assert (work / "config.json").read_text() == config
 
 
 def _template(config, num_classes=14) -> dict:

@@ -62,11 +62,14 @@ def _listed(diffs: list[tuple[str, Any, Any]]) -> str:
   return "; ".join(f"{field}: {json.dumps(a)} -> {json.dumps(b)}" for field, a, b in diffs)
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: Path, resuming: bool) -> None:
-  """Writes WORKDIR/config.json (process 0); when `resuming`, first compares it with the one
+def write_config(
+  config: ml_collections.ConfigDict, workdir: Path, resuming: bool, fold: int | str = 0
+) -> None:
+  """Writes WORKDIR/config.json (process 0), with the validation `fold` beside the config
+  fields (another fold is other training data); when `resuming`, first compares it with the one
   there: ConfigError listing the changed fields that are not safe to change."""
   path = Path(workdir) / "config.json"
-  new = json.loads(config.to_json_best_effort())
+  new = {**json.loads(config.to_json_best_effort()), "fold": str(fold)}
   if resuming and path.exists():
     try:
       old = json.loads(path.read_text())

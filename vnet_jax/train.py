@@ -309,7 +309,7 @@ def train_and_evaluate(
     workdir_lock.WorkdirLock(workdir) as lock,
     checkpoint.make_manager(workdir, config.keep_checkpoints) as manager,
   ):
-    resume_check.write_config(config, workdir, resuming=bool(manager.all_steps()))
+    resume_check.write_config(config, workdir, bool(manager.all_steps()), fold)
     return _train_and_evaluate(config, workdir, fold, mode, manager, lock)
 
 
