@@ -47,6 +47,21 @@ def test_jsonl_keeps_nesting_and_tensorboard_joins_keys(tmp_path):
   }
 
 
+def test_a_resumed_jsonl_drops_the_lines_of_the_steps_it_computes_again(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  first = metric_writers.JsonlWriter(path)
+  for step in range(1, 6):
+    first.write_scalars(step, {"loss": 1.0 / step})
+  with path.open("a") as f:
+    f.write('{"step": 6, "lo')  # the half line of a killed run
+  resumed = metric_writers.JsonlWriter(path, resume_step=3)
+  resumed.write_scalars(4, {"loss": 0.5})
+  steps = [json.loads(line)["step"] for line in path.read_text().splitlines()]
+  assert steps == [1, 2, 3, 4]
+  metric_writers.JsonlWriter(path)  # without resume_step nothing is dropped
+  assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == steps
+
+
 def _device_metrics(loss: float) -> dict:
   # As a pmap'd step returns them: one value per device.
   names = ("loss", "dice_loss", "focal_loss", "accuracy", "iou")

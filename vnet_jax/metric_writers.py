@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from vnet_jax.errors import TrainingError
-from vnet_jax.files import reporting_write_errors
+from vnet_jax.files import reporting_write_errors, write_text_atomic
 
 
 class MetricWriter(abc.ABC):
@@ -37,12 +37,23 @@ class MetricWriter(abc.ABC):
 
 class JsonlWriter(MetricWriter):
   """Appends one line `{"step": step, **values}` per call; a line that cannot be written whole
-  (full disk) is taken back, and the WriteError names the file."""
+  (full disk) is taken back, and the WriteError names the file.
 
-  def __init__(self, path: str | Path):
+  `resume_step`: a resumed run's starting step. Lines of later steps, written before the run
+  was stopped and about to be computed again, are dropped, so each step has one line.
+  """
+
+  def __init__(self, path: str | Path, resume_step: int | None = None):
     self.path = Path(path)
     with reporting_write_errors(self.path):
       self.path.parent.mkdir(parents=True, exist_ok=True)
+    if resume_step is not None and self.path.exists():
+      kept = [
+        line
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines(True)
+        if _step_of(line) is not None and _step_of(line) <= resume_step
+      ]
+      write_text_atomic(self.path, "".join(kept))
 
   def write_scalars(self, step: int, values: Mapping[str, Any]) -> None:
     line = memoryview((json.dumps({"step": step, **values}) + "\n").encode())
@@ -55,6 +66,16 @@ class JsonlWriter(MetricWriter):
         with contextlib.suppress(OSError):
           f.truncate(end)
         raise
+
+
+def _step_of(line: str) -> int | None:
+  """The step of a whole JSON line; None for a half-written or foreign one."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    return None
+  step = record.get("step") if isinstance(record, dict) else None
+  return step if isinstance(step, int) else None
 
 
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -113,8 +134,8 @@ class TrainingLog:
     self.last_time, self.last_step = time.time(), start_step
     self.is_main = jax.process_index() == 0
     if self.is_main:
-      self.train = JsonlWriter(workdir / "metrics.jsonl")
-      self.eval = JsonlWriter(workdir / "eval" / "history.jsonl")
+      self.train = JsonlWriter(workdir / "metrics.jsonl", start_step)
+      self.eval = JsonlWriter(workdir / "eval" / "history.jsonl", start_step)
       self.tensorboard = TensorBoardWriter(workdir / "tensorboard")
 
   def add(self, step: int, device_metrics) -> None:
