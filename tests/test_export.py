@@ -212,7 +212,7 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_no_partial_one(
 def test_onnx_model_matches_the_jax_network(folds, onnx_model):
   workdir, variables = folds[1][0]
   loaded = load_onnx(onnx_model)
-  (image,), (logits,) = loaded.session.get_inputs(), loaded.session.get_outputs()
+  (image,), (logits,) = loaded.engine.get_inputs(), loaded.engine.get_outputs()
   window = list(CONFIG.patch_size)
   assert (image.name, image.type, image.shape[1:]) == ("image", "tensor(float)", [*window, 1])
   assert (logits.name, logits.type, logits.shape[1:]) == ("logits", "tensor(float)", [*window, 3])

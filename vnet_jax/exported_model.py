@@ -186,11 +186,11 @@ class OnnxModel(ModelInfo):
   """A model.onnx in onnxruntime (CPU): `model(x)` maps float32 (N, D, H, W, C) windows to
   float32 (N, D, H, W, K) logits."""
 
-  session: Any  # onnxruntime.InferenceSession
+  engine: Any  # the onnxruntime object that runs the graph
 
   def __call__(self, x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
-    return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
+    return self.engine.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
 
   def probabilities(self, windows: np.ndarray, tta: bool = False) -> np.ndarray:
     """A `sliding_window.RunGroup`: the windows' softmax probabilities (float32), with `tta`
@@ -225,10 +225,10 @@ def load_onnx(path: str | Path) -> OnnxModel:
   errors = ort.capi.onnxruntime_pybind11_state  # onnxruntime's exceptions (not RuntimeErrors)
   load_errors = (errors.Fail, errors.InvalidArgument, errors.InvalidProtobuf, errors.InvalidGraph)
   try:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    engine = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
   except (OSError, *load_errors) as e:
     raise DataError(f"{path}: onnxruntime cannot load it ({one_line(e)})") from None
-  names = ([i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+  names = ([i.name for i in engine.get_inputs()], [o.name for o in engine.get_outputs()])
   if names != ([ONNX_INPUT], [ONNX_OUTPUT]):
     raise DataError(f"{path}: inputs/outputs {names}, expected {ONNX_INPUT!r} -> {ONNX_OUTPUT!r}")
-  return OnnxModel(**vars(info), session=session)
+  return OnnxModel(**vars(info), engine=engine)
