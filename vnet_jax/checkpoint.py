@@ -115,9 +115,7 @@ class _Manager(ocp.CheckpointManager):
     try:
       super().wait_until_finished()
     except (OSError, ValueError) as e:
-      raise WriteError(
-        f"{self.directory / str(self.saving)}: cannot save the checkpoint ({_reason(e)})"
-      ) from e
+      raise _save_failed(self.directory, self.saving, e) from e
 
 
 def make_manager(
@@ -174,15 +172,15 @@ def save(
   try:
     manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
   except (OSError, ValueError) as e:
-    raise WriteError(
-      f"{manager.directory / str(step)}: cannot save the checkpoint ({_reason(e)})"
-    ) from e
+    raise _save_failed(manager.directory, step, e) from e
 
 
-def best_step(manager: ocp.CheckpointManager, steps=None) -> int | None:
-  """Of `steps` (default: all), the one with the highest validation mean Dice; None when none
-  has metrics."""
-  steps = manager.all_steps() if steps is None else steps
+def _save_failed(directory: Path, step: int | None, e: Exception) -> WriteError:
+  return WriteError(f"{directory / str(step)}: cannot save the checkpoint ({_reason(e)})")
+
+
+def best_step(manager: ocp.CheckpointManager, steps) -> int | None:
+  """Of `steps`, the one with the highest validation mean Dice; None when none has metrics."""
   scored = [((manager.metrics(s) or {}).get(METRIC), s) for s in steps]
   candidates = [(d, s) for d, s in scored if d is not None]
   return max(candidates)[1] if candidates else None

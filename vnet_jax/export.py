@@ -63,9 +63,9 @@ PLATFORMS = ("cpu", "cuda")
 
 def _model_info(folds: TrainedFolds) -> tuple[ModelInfo, Path | None]:
   """What model.json records of the folds, and the experiment's postprocessing decision file
-  (`postprocessing.find_decision`; None when it has none)."""
-  decision = postprocessing.find_decision(folds.workdirs)
-  classes = None if decision is None else tuple(postprocessing.read_decision(decision))
+  (`postprocessing.decision_of`; None when it has none)."""
+  found = postprocessing.decision_of(folds.workdirs)
+  classes, decision = (None, None) if found is None else (tuple(found[0]), found[1])
   return ModelInfo(folds.plan, folds.class_names, folds.settings, classes), decision
 
 
@@ -170,8 +170,7 @@ def write_onnx(workdir: str | Path, output: str | Path, which: str = "best") -> 
     "output": ONNX_OUTPUT,
     "folds": folds.provenance(),
   }
-  with files.replacing(onnx_metadata_path(output)) as tmp:
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+  files.write_json_atomic(onnx_metadata_path(output), meta)
   return meta
 
 

@@ -114,10 +114,6 @@ class ModelInfo:
       "postprocessing": decision,
     }
 
-  @property
-  def num_classes(self) -> int:
-    return len(self.class_names)
-
 
 def _check_format(meta: Any, path: Path, expected: str) -> dict:
   found = meta.get("format") if isinstance(meta, dict) else None

@@ -7,7 +7,6 @@ A write that fails (full disk, no permission, read-only filesystem) raises a one
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -49,20 +48,9 @@ def replacing(path: str | Path, suffix: str = "") -> Iterator[Path]:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-  """Writes to a temporary file in the same folder, syncs it, then renames it over `path`."""
-  path = Path(path)
-  with reporting_write_errors(path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-      with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
-    except BaseException:
-      Path(tmp).unlink(missing_ok=True)
-      raise
+  """Writes `text` to `path` through `replacing`."""
+  with replacing(path) as tmp:
+    tmp.write_text(text, encoding="utf-8")
 
 
 def write_json_atomic(path: str | Path, obj: Any, indent: int = 2) -> None:

@@ -157,9 +157,7 @@ class SlidingWindowPredictor(SlidingWindow):
   ):
     self.runner = WindowRunner(apply_fn, [variables], num_classes, tta, windows_per_device, devices)
     super().__init__(self.runner, window, num_classes, self.runner.group_size, overlap, sigma_scale)
-    r = self.runner
-    self.tta, self.devices, self.num_devices = r.tta, r.devices, r.num_devices
-    self.windows_per_device = r.windows_per_device
+    self.num_devices = self.runner.num_devices
     self._step = self.runner._step  # the compiled window function (one executable per shape)
 
   def set_variables(self, variables: Any) -> None:

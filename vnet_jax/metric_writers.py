@@ -28,11 +28,8 @@ class MetricWriter(abc.ABC):
   @abc.abstractmethod
   def write_scalars(self, step: int, values: Mapping[str, Any]) -> None: ...
 
-  def flush(self) -> None:
+  def close(self) -> None:  # a writer without resources has nothing to close
     return None
-
-  def close(self) -> None:
-    self.flush()
 
 
 class JsonlWriter(MetricWriter):
@@ -48,12 +45,10 @@ class JsonlWriter(MetricWriter):
     with reporting_write_errors(self.path):
       self.path.parent.mkdir(parents=True, exist_ok=True)
     if resume_step is not None and self.path.exists():
-      kept = [
-        line
-        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines(True)
-        if _step_of(line) is not None and _step_of(line) <= resume_step
-      ]
-      write_text_atomic(self.path, "".join(kept))
+      lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines(True)
+      kept = [x for x in lines if (step := _step_of(x)) is not None and step <= resume_step]
+      if len(kept) < len(lines):
+        write_text_atomic(self.path, "".join(kept))
 
   def write_scalars(self, step: int, values: Mapping[str, Any]) -> None:
     line = memoryview((json.dumps({"step": step, **values}) + "\n").encode())

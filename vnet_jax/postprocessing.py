@@ -253,3 +253,9 @@ def find_decision(workdirs: Sequence[Path]) -> Path | None:
     listed = ", ".join(f"{w}: {p or 'none'}" for w, p in found.items())
     raise DataError(f"the workdirs' postprocessing decisions differ ({listed})")
   return next(iter(found.values()))
+
+
+def decision_of(workdirs: Sequence[str | Path]) -> tuple[list[int], Path] | None:
+  """(class ids to postprocess, decision file) of the workdirs' experiment; None without one."""
+  path = find_decision(workdirs)
+  return None if path is None else (read_decision(path), path)

@@ -257,8 +257,8 @@ def postprocess_classes(predictor: Predictor, mode: str) -> list[int]:
     return classes
   decision = predictor.decision
   if decision is None and predictor.workdirs:
-    path = postprocessing.find_decision(predictor.workdirs)
-    decision = path and (postprocessing.read_decision(path), f"as {path} decided")
+    found = postprocessing.decision_of(predictor.workdirs)
+    decision = found and (found[0], f"as {found[1]} decided")
   if decision is None:
     print("postprocessing: none (the model comes with no postprocessing decision)", flush=True)
     return []

@@ -339,12 +339,12 @@ def make_report(workdir: str | Path) -> Path:
   plots_dir = workdir / PLOTS_DIR
   curves = bool(metrics or history)
   dice = summary is not None and bool(summary["per_class"])
-  with reporting_write_errors(plots_dir):  # a full disk: one line naming the folder
+  with reporting_write_errors(plots_dir):
     plots_dir.mkdir(exist_ok=True)
-    if curves:
-      plots.plot_training_curves(metrics, history, plots_dir / CURVES_PNG, class_ids)
-    if dice:
-      plots.plot_dice_per_class(summary, plots_dir / DICE_PNG, class_ids)
+  if curves:  # plots.py writes through files.replacing: a failure names its PNG
+    plots.plot_training_curves(metrics, history, plots_dir / CURVES_PNG, class_ids)
+  if dice:
+    plots.plot_dice_per_class(summary, plots_dir / DICE_PNG, class_ids)
   overlays = _make_overlays(workdir, plots_dir, plan, summary, class_ids, notes)
   out = workdir / REPORT_HTML
   _write_html(out, workdir, summary, class_ids, curves, dice, overlays, notes)

@@ -17,6 +17,7 @@ from flax.training import train_state
 from vnet_jax import (
   augment,
   checkpoint,
+  hosts,
   losses,
   metric_writers,
   metrics,
@@ -238,16 +239,11 @@ def prepare_data(config: ml_collections.ConfigDict, workdir: Path, fold: int | s
     num_workers=config.data.preprocess_workers,
     progress=jax.process_index() == 0,
   )
-  if jax.process_count() > 1:
-    # Process 0 fills a shared cache first; the others then find it complete (or, without a
-    # shared filesystem, build their own copy) instead of racing on the same files.
-    from jax.experimental import multihost_utils
-
-    cache = prepare() if jax.process_index() == 0 else None
-    multihost_utils.sync_global_devices("vnet_jax preprocessing")
-    cache = cache or prepare()
-  else:
-    cache = prepare()
+  # Process 0 fills a shared cache first; the others then find it complete (or, without a
+  # shared filesystem, build their own copy) instead of racing on the same files.
+  cache = prepare() if jax.process_index() == 0 else None
+  hosts.wait_for_all("vnet_jax preprocessing")
+  cache = cache or prepare()
   user_splits = [
     data_dir / n for n in ("splits.json", "splits_final.json") if (data_dir / n).exists()
   ]

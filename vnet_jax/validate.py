@@ -122,7 +122,6 @@ class Validator:
       else:
         probs = self.predictor.predict_probabilities(image)  # float16, as predict maps back
         pred = np.argmax(probs, axis=-1).astype(np.uint8)
-        predictions_dir.mkdir(parents=True, exist_ok=True)
         write_original_geometry(
           predictions_dir / f"{case_id}.nii.gz", probs, self.cache.load_meta(case_id)
         )
