@@ -11,6 +11,9 @@ which adds each fold's probabilities to one running sum: device memory holds one
 activations whatever the number of folds, the host receives probabilities already averaged, and
 the model compiles once. The mirrorings run one after another for the same reason.
 
+Given `weights` (the sliding window's Gaussian), the runner also multiplies the probabilities by
+them on the devices, which saves the host a full pass over every window.
+
 `SlidingWindowPredictor` is the single-model predictor (validation during training, the
 benchmarks): a `WindowRunner` for one set of weights inside a `sliding_window.SlidingWindow`.
 """
@@ -24,7 +27,7 @@ import numpy as np
 from flax import jax_utils
 
 from vnet_jax import runtime
-from vnet_jax.sliding_window import MIRROR_AXES, SlidingWindow
+from vnet_jax.sliding_window import MIRROR_AXES, SlidingWindow, gaussian_importance_map
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
@@ -58,6 +61,8 @@ class WindowRunner:
     tta: average softmax probabilities over the 8 mirrorings of the spatial axes.
     windows_per_device: windows each device runs per call.
     devices: devices to spread windows over; default all local devices.
+    weights: optional (D, H, W) window weights the probabilities are multiplied by on the
+      devices (`sliding_window.SlidingWindow` then adds them as they come).
   """
 
   def __init__(
@@ -68,6 +73,7 @@ class WindowRunner:
     tta: bool = False,
     windows_per_device: int = 1,
     devices: Sequence[jax.Device] | None = None,
+    weights: np.ndarray | None = None,
   ):
     if windows_per_device < 1:
       raise ValueError(f"windows_per_device must be >= 1, got {windows_per_device}")
@@ -78,6 +84,10 @@ class WindowRunner:
     self.num_devices = len(self.devices)
     self.num_folds = len(fold_variables)
     self.set_variables(fold_variables)
+    self.weights = None if weights is None else np.asarray(weights, np.float32)
+    ones = np.ones((), np.float32)  # no weights: a scalar 1, so one step function serves both
+    w = ones if self.weights is None else self.weights[..., None]
+    self._weights = jax_utils.replicate(jnp.asarray(w), self.devices)
     self._step = runtime.pmap(self._device_step(apply_fn), devices=self.devices)
 
   @property
@@ -113,12 +123,12 @@ class WindowRunner:
       )
       return p / len(MIRROR_AXES)
 
-    def step(stacked, x):
+    def step(stacked, weights, x):
       if num_folds == 1:  # no loop around the model: the single-model program stays as it was
-        return fold_probs(jax.tree.map(lambda v: v[0], stacked), x)
+        return fold_probs(jax.tree.map(lambda v: v[0], stacked), x) * weights
       total = jnp.zeros((*x.shape[:-1], num_classes), jnp.float32)
       total, _ = jax.lax.scan(lambda t, v: (t + fold_probs(v, x), None), total, stacked)
-      return total / num_folds
+      return total / num_folds * weights
 
     return step
 
@@ -128,7 +138,7 @@ class WindowRunner:
     if windows.ndim != 5 or windows.shape[0] != self.group_size:
       raise ValueError(f"expected ({self.group_size}, D, H, W, C) windows, got {windows.shape}")
     per_device = windows.reshape(self.num_devices, self.windows_per_device, *windows.shape[1:])
-    result = self._step(self._variables, per_device)
+    result = self._step(self._variables, self._weights, per_device)
     return _GroupResult(result, (*windows.shape[:4], self.num_classes))
 
 
@@ -155,7 +165,10 @@ class SlidingWindowPredictor(SlidingWindow):
     devices: Sequence[jax.Device] | None = None,
     sigma_scale: float = 1 / 8,
   ):
-    self.runner = WindowRunner(apply_fn, [variables], num_classes, tta, windows_per_device, devices)
+    weights = gaussian_importance_map(window, sigma_scale)
+    self.runner = WindowRunner(
+      apply_fn, [variables], num_classes, tta, windows_per_device, devices, weights
+    )
     super().__init__(self.runner, window, num_classes, self.runner.group_size, overlap, sigma_scale)
     self.num_devices = self.runner.num_devices
     self._step = self.runner._step  # the compiled window function (one executable per shape)

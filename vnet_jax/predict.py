@@ -134,7 +134,12 @@ class Predictor:
       from vnet_jax import inference  # JAX, imported only when a JAX model is given
 
       run_group = inference.WindowRunner(
-        apply_fn, fold_variables, num_classes, settings.tta, settings.windows_per_device
+        apply_fn,
+        fold_variables,
+        num_classes,
+        settings.tta,
+        settings.windows_per_device,
+        weights=sliding_window.gaussian_importance_map(settings.window),
       )
     group_size = getattr(run_group, "group_size", settings.windows_per_device)
     self.window = sliding_window.SlidingWindow(

@@ -13,10 +13,11 @@ one group is read only after the next group has been handed over, so an asynchro
 (a JAX array) computes the next group while the host adds up the last one. The last group is
 padded with copies of its last window, so every call has the same shape.
 
-Gaussian weighting happens here, on the host, as each window's probabilities are added: the
-contract stays "probabilities" for every runner, and the multiply costs about as much as the
-addition it is fused with. The weights (`gaussian_importance_map`) trust window centres more
-than their borders; probability and weight sums are divided at the end.
+Each window's probabilities are weighted by a Gaussian (`gaussian_importance_map`) that trusts
+window centres more than their borders; probability and weight sums are divided at the end.
+The weighting happens here, on the host, unless the runner has a `weights` attribute: it then
+returns probabilities already multiplied by those weights (`inference.WindowRunner` does it on
+the devices, sparing the host a full pass over every window), and they are summed as given.
 
 Host memory stays bounded by accumulating slab-wise along D: windows are visited in order of
 their D start, and once every window starting at a given D has been added, the rows before the
@@ -148,6 +149,11 @@ class SlidingWindow:
     self.group_size = int(group_size)
     self.overlap = float(overlap)
     self.gaussian = gaussian_importance_map(self.window, sigma_scale)
+    self.weighted_by_runner = getattr(run_group, "weights", None) is not None
+    if self.weighted_by_runner:
+      self.gaussian = np.asarray(run_group.weights, np.float32)
+      if self.gaussian.shape != self.window:
+        raise ValueError(f"run_group weights {self.gaussian.shape} do not fit window {self.window}")
 
   def _accumulate(
     self, volume: np.ndarray, emit: Callable[[int, np.ndarray, np.ndarray], None]
@@ -180,8 +186,11 @@ class SlidingWindow:
         acc[wd - done :] = 0
         weight[wd - done :] = 0
         lo = ds
-      np.multiply(window_probs, gaussian, out=weighted)
-      acc[:, hs : hs + wh, ws : ws + ww] += weighted
+      if self.weighted_by_runner:
+        acc[:, hs : hs + wh, ws : ws + ww] += window_probs
+      else:
+        np.multiply(window_probs, gaussian, out=weighted)
+        acc[:, hs : hs + wh, ws : ws + ww] += weighted
       weight[:, hs : hs + wh, ws : ws + ww] += self.gaussian
 
     def consume(result, group_starts) -> None:
